@@ -1,0 +1,71 @@
+# The CPAL pipeline for Snakemake. dvc.yaml declares the same stages with the same commands
+# (tests/test_engines.py checks that they agree).
+#
+#   snakemake --cores 2                 # embedded default, project environment
+#   snakemake --cores 8 --use-conda     # conda users: every rule runs in environment.yml
+#   snakemake --cores 2 --configfile configs/tiny.yaml   # a preset merged over params.yaml
+
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from snakemake.utils import validate  # noqa: E402
+
+from cpal.config import resolved_params_file, validate_params  # noqa: E402
+
+
+configfile: "params.yaml"
+
+
+validate(config, "cpal/params.schema.json")
+validate_params(config, source="Snakemake config (params.yaml + overrides)")
+
+# Stages read their params from a file. Without overrides that is params.yaml itself (so the commands
+# equal dvc.yaml's); with --config/--configfile overrides, the merged config is written once and passed on.
+# Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them), not the file's mtime.
+PARAMS = resolved_params_file(config, "params.yaml", "outputs/params.snakemake.yaml")
+DATA = config["data"]["dir"]
+ENV = "environment.yml"
+
+
+rule all:
+    input:
+        "results/dataset_samples.png",
+    default_target: True
+
+
+rule data:
+    output:
+        directory(DATA),
+    params:
+        params_file=PARAMS,
+        data=config["data"],
+        run=config["run"],
+    log:
+        "outputs/logs/data.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.data --params {params.params_file} --out {output} --log {log}"
+
+
+rule dataset_figure:
+    input:
+        data=DATA,
+    output:
+        "results/dataset_samples.png",
+    params:
+        params_file=PARAMS,
+        data=config["data"],
+    log:
+        "outputs/logs/dataset_figure.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.dataset_figure --params {params.params_file} --data {input.data} --out {output} --log {log}"

@@ -1,0 +1,132 @@
+"""Load and validate params.yaml: one schema for every stage and for the Snakefile.
+
+A bad value must stop the run before any work, with a message that names the key, the value and
+what is allowed; jsonschema's own messages name the value, so we add the key path and the rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_RESOURCE = "params.schema.json"
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a config derived from it) breaks the schema."""
+
+
+def schema_path() -> Path:
+    """Path of the JSON schema, for Snakemake's validate()."""
+    return Path(str(resources.files("cpal").joinpath(SCHEMA_RESOURCE)))
+
+
+def load_schema() -> dict[str, Any]:
+    return json.loads(schema_path().read_text())
+
+
+def _key(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = _key(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = f"{key}: " if error.absolute_path else ""
+        return f"{where}unknown key(s) {', '.join(map(repr, extra))}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        where = f"{key}." if error.absolute_path else ""
+        return f"{where}{missing}: missing required key"
+    text = f"{key} = {error.instance!r} is invalid: {error.message}"
+    hint = error.schema.get("description")
+    if hint:
+        text += f" ({hint})"
+    return text
+
+
+def _cross_checks(params: dict[str, Any]) -> list[str]:
+    """Rules that span keys, which JSON schema cannot express."""
+    problems = []
+    method = params.get("params", {})
+    if method.get("K", 0) > method.get("bank_size", float("inf")):
+        problems.append(
+            f"params.K = {method['K']} is invalid: K must not exceed params.bank_size = {method['bank_size']}"
+        )
+    emb = params.get("data", {}).get("embedded", {})
+    if emb.get("min_objects", 0) > emb.get("max_objects", 3):
+        problems.append(
+            f"data.embedded.min_objects = {emb['min_objects']} is invalid: "
+            f"must not exceed data.embedded.max_objects = {emb['max_objects']}"
+        )
+    scale = emb.get("object_scale")
+    if isinstance(scale, list) and len(scale) == 2 and scale[0] > scale[1]:
+        problems.append(f"data.embedded.object_scale = {scale!r} is invalid: low must not exceed high")
+    return problems
+
+
+def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
+    """Raise ParamsError listing every problem; return the params unchanged when valid."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(params).__name__}")
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(params), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    problems = [_describe(e) for e in errors]
+    if not problems:
+        problems = _cross_checks(params)
+    if problems:
+        raise ParamsError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
+    return params
+
+
+def load_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a params file with yaml.safe_load and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
+    return validate_params(params, source=str(path))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge, override wins; used for presets and Snakemake --configfile overrides."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolved_params_file(config: dict[str, Any], default: str, override_path: str) -> str:
+    """Return `default` when `config` equals its contents, else write `config` to `override_path`.
+
+    Stages read a params file; Snakemake's --config/--configfile overrides exist only in memory, so
+    they are written out (and rewritten only when they change, to keep file times stable).
+    """
+    with open(default) as fh:
+        on_disk = yaml.safe_load(fh)
+    if on_disk == config:
+        return default
+    text = yaml.safe_dump(config, sort_keys=True)
+    target = Path(override_path)
+    if not target.is_file() or target.read_text() != text:
+        from cpal.io import write_text
+
+        write_text(target, text)
+    return str(target)

@@ -1,0 +1,1 @@
+"""Datasets in VOC layout: the reader every stage shares and the sources that write it."""

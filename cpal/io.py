@@ -1,0 +1,91 @@
+"""File helpers shared by every stage: atomic writes and VOC palette PNGs.
+
+Every artifact is written to a temporary name in the same folder and renamed into place, so a killed
+stage never leaves a half-written file that a rerun would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Deterministic JSON (sorted keys, fixed indent) so identical results give identical bytes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: class i gets the colour the VOC devkit gives it; 255 is cream."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def save_label_png(path: str | os.PathLike[str], label: np.ndarray) -> None:
+    """Write a label map (uint8, class ids, 255 = ignore) as a VOC palette PNG, atomically."""
+    if label.ndim != 2:
+        raise ValueError(f"{path}: a label map must be 2-D, got shape {label.shape}")
+    if label.dtype != np.uint8:
+        if label.min() < 0 or label.max() > 255:
+            raise ValueError(f"{path}: label values must lie in 0..255, got {label.min()}..{label.max()}")
+        label = label.astype(np.uint8)
+    img = Image.fromarray(label, mode="P")
+    img.putpalette(voc_palette().reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def load_label_png(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label PNG as its raw indices (palette images are not converted to colours)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("P", "L"):
+                raise ValueError(f"{path}: a label PNG must be palette (P) or grayscale (L), got mode {img.mode}")
+            return np.array(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"label file not found: {path}") from None
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: unreadable label PNG ({exc})") from exc
+
+
+def save_jpeg(path: str | os.PathLike[str], image: np.ndarray, quality: int = 92) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image, mode="RGB").save(tmp, format="JPEG", quality=quality)

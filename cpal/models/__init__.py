@@ -1,0 +1,1 @@
+"""Networks: backbone, CAM classifier, CPAL module."""

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpal.config import ParamsError, load_params, merge, resolved_params_file, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(params: dict) -> str:
+    with pytest.raises(ParamsError) as info:
+        validate_params(params)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml"])
+def test_shipped_params_files_are_valid(name: str) -> None:
+    load_params(ROOT / name)
+
+
+def test_k_zero_names_key_value_and_rule(default_params: dict) -> None:
+    default_params["params"]["K"] = 0
+    msg = _error(default_params)
+    assert "params.K = 0" in msg and "minimum" in msg
+
+
+def test_k_larger_than_bank(default_params: dict) -> None:
+    default_params["params"]["K"] = default_params["params"]["bank_size"] + 1
+    msg = _error(default_params)
+    assert "params.K" in msg and "bank_size" in msg
+
+
+def test_negative_temperature(default_params: dict) -> None:
+    default_params["params"]["temperature"] = -0.1
+    assert "params.temperature = -0.1" in _error(default_params)
+
+
+def test_unknown_key(default_params: dict) -> None:
+    default_params["params"]["kk"] = 3
+    msg = _error(default_params)
+    assert "unknown key" in msg and "'kk'" in msg and "bank_size" in msg
+
+
+def test_unknown_section(default_params: dict) -> None:
+    default_params["trian_cls"] = {}
+    msg = _error(default_params)
+    assert "'trian_cls'" in msg
+
+
+def test_string_where_number_belongs(default_params: dict) -> None:
+    default_params["params"]["temperature"] = "0.1"
+    msg = _error(default_params)
+    assert "params.temperature = '0.1'" in msg and "number" in msg
+
+
+def test_bool_is_not_an_integer(default_params: dict) -> None:
+    default_params["params"]["K"] = True
+    assert "params.K" in _error(default_params)
+
+
+def test_missing_section(default_params: dict) -> None:
+    del default_params["run"]
+    msg = _error(default_params)
+    assert "run" in msg and "missing" in msg
+
+
+def test_missing_key(default_params: dict) -> None:
+    del default_params["data"]["embedded"]["n_train"]
+    msg = _error(default_params)
+    assert "data.embedded.n_train" in msg and "missing" in msg
+
+
+def test_bad_enum_lists_allowed(default_params: dict) -> None:
+    default_params["params"]["method"] = "cpaI"
+    msg = _error(default_params)
+    assert "'cpaI'" in msg and "sipe" in msg
+
+
+def test_cross_key_rules(default_params: dict) -> None:
+    p = copy.deepcopy(default_params)
+    p["data"]["embedded"]["min_objects"] = 3
+    p["data"]["embedded"]["max_objects"] = 2
+    assert "min_objects" in _error(p)
+    p = copy.deepcopy(default_params)
+    p["data"]["embedded"]["object_scale"] = [0.4, 0.3]
+    assert "object_scale" in _error(p)
+
+
+def test_every_problem_is_listed(default_params: dict) -> None:
+    default_params["params"]["K"] = 0
+    default_params["run"]["device"] = "tpu"
+    msg = _error(default_params)
+    assert "params.K" in msg and "run.device" in msg
+
+
+def test_load_params_errors(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(bad)
+
+
+def test_merge_keeps_types_and_nesting() -> None:
+    base = {"params": {"K": 5, "metric": "dot"}, "run": {"seed": 0}}
+    out = merge(base, {"params": {"K": 7}})
+    assert out == {"params": {"K": 7, "metric": "dot"}, "run": {"seed": 0}}
+    assert base["params"]["K"] == 5
+
+
+def test_resolved_params_file(tmp_path: Path, default_params: dict) -> None:
+    default = tmp_path / "params.yaml"
+    default.write_text(yaml.safe_dump(default_params))
+    override = tmp_path / "outputs" / "override.yaml"
+    assert resolved_params_file(default_params, str(default), str(override)) == str(default)
+    assert not override.exists()
+    changed = merge(default_params, {"params": {"K": 7}})
+    path = resolved_params_file(changed, str(default), str(override))
+    assert path == str(override)
+    assert load_params(path)["params"]["K"] == 7
