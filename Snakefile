@@ -31,6 +31,7 @@ ENV = "environment.yml"
 rule all:
     input:
         "results/dataset_samples.png",
+        "results/eval_seeds.json",
     default_target: True
 
 
@@ -69,3 +70,79 @@ rule dataset_figure:
         ENV
     shell:
         "python -m stages.dataset_figure --params {params.params_file} --data {input.data} --out {output} --log {log}"
+
+
+rule train_cls:
+    input:
+        data=DATA,
+    output:
+        model="outputs/train_cls/model.pt",
+        metrics="outputs/train_cls/metrics.json",
+        timing="outputs/train_cls/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        data=config["data"],
+        train_cls=config["train_cls"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_cls.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_cls --params {params.params_file} --data {input.data} "
+        "--out outputs/train_cls --log {log}"
+
+
+rule make_seeds:
+    input:
+        data=DATA,
+        model="outputs/train_cls/model.pt",
+    output:
+        seeds=directory("outputs/seeds/maps"),
+        timing="outputs/seeds/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        train_cls=config["train_cls"],
+        seeds=config["seeds"],
+        run=config["run"],
+    log:
+        "outputs/logs/make_seeds.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.make_seeds --params {params.params_file} --data {input.data} "
+        "--checkpoint {input.model} --out {output.seeds} --timing {output.timing} --log {log}"
+
+
+rule eval_seeds:
+    input:
+        data=DATA,
+        seeds="outputs/seeds/maps",
+    output:
+        metrics="results/eval_seeds.json",
+        curve="results/eval_seeds_curve.csv",
+        plot="results/eval_seeds_curve.png",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+    log:
+        "outputs/logs/eval_seeds.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_seeds --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--metrics {output.metrics} --curve {output.curve} --plot {output.plot} --log {log}"

@@ -68,9 +68,16 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             f"data.embedded.min_objects = {emb['min_objects']} is invalid: "
             f"must not exceed data.embedded.max_objects = {emb['max_objects']}"
         )
-    scale = emb.get("object_scale")
-    if isinstance(scale, list) and len(scale) == 2 and scale[0] > scale[1]:
-        problems.append(f"data.embedded.object_scale = {scale!r} is invalid: low must not exceed high")
+    for key, value in (("data.embedded.object_scale", emb.get("object_scale")),
+                       ("train_cls.scale_range", params.get("train_cls", {}).get("scale_range"))):
+        if isinstance(value, list) and len(value) == 2 and value[0] > value[1]:
+            problems.append(f"{key} = {value!r} is invalid: low must not exceed high")
+    seeds = params.get("seeds", {})
+    if seeds.get("bg_threshold_min", 0) > seeds.get("bg_threshold_max", 1):
+        problems.append(
+            f"seeds.bg_threshold_min = {seeds['bg_threshold_min']} is invalid: "
+            f"must not exceed seeds.bg_threshold_max = {seeds['bg_threshold_max']}"
+        )
     return problems
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import Any
+
+from cpal.config import ParamsError, load_params
+from cpal.runtime import setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -10,3 +15,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--params", required=True, help="params file (params.yaml or a preset)")
     p.add_argument("--log", default=None, help="log file for this stage")
     return p
+
+
+def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str, Any]]:
+    """Open the stage's log and load validated params; a bad params file exits with status 2."""
+    log = setup_logging(args.log, name)
+    try:
+        return log, load_params(args.params)
+    except ParamsError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None

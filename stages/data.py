@@ -5,10 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from cpal.config import ParamsError, load_params
 from cpal.data.sources import prepare_dataset
-from cpal.runtime import setup_logging
-from stages.common import parser
+from stages.common import parser, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,15 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="dataset folder to write (params data.dir)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    log = setup_logging(args.log, "data")
-    try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        log.error("%s", exc)
-        return 2
-    start = time.perf_counter()
+    log, params = start(args, "data")
+    t0 = time.perf_counter()
     summary = prepare_dataset(args.out, params["data"], progress=not args.no_progress)
-    log.info("wrote %s dataset to %s in %.1f s", params["data"]["source"], args.out, time.perf_counter() - start)
+    log.info("wrote %s dataset to %s in %.1f s", params["data"]["source"], args.out, time.perf_counter() - t0)
     log.info("summary: %s", summary)
     return 0
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.config import ParamsError, load_params
 from cpal.plots import plot_dataset_samples
-from cpal.runtime import machine_description, setup_logging
-from stages.common import parser
+from cpal.runtime import machine_description
+from stages.common import parser, start
 
 REPRODUCE = "snakemake --cores 2 results/dataset_samples.png  (or: dvc repro dataset_figure)"
 
@@ -20,12 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("-n", type=int, default=8, help="number of samples")
     args = p.parse_args(argv)
-    log = setup_logging(args.log, "dataset_figure")
-    try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        log.error("%s", exc)
-        return 2
+    log, params = start(args, "dataset_figure")
     data = params["data"]
     footer = (
         f"data.source={data['source']}, data.seed={data['seed']} (one seed), split {args.split}. "

@@ -1,0 +1,79 @@
+"""Torch views of a VOCDataset for classifier training and CAM inference.
+
+Augmentation draws from a generator seeded by (seed, epoch, index), so a sample's crop does not
+depend on worker count, batch order or a resumed run: training is reproducible across restarts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cpal.data.voc import VOCDataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float CxHxW normalised with ImageNet statistics (also for scratch backbones)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def random_scale_flip_crop(
+    image: torch.Tensor, rng: np.random.Generator, scale_range: tuple[float, float], crop: int
+) -> torch.Tensor:
+    """Random rescale (factor of the long side to `crop`), horizontal flip, random crop / zero-pad."""
+    _, h, w = image.shape
+    factor = rng.uniform(*scale_range) * crop / max(h, w)
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    if rng.random() < 0.5:
+        image = image.flip(-1)
+    out = image.new_zeros((3, crop, crop))
+    top = int(rng.integers(0, nh - crop + 1)) if nh > crop else 0
+    left = int(rng.integers(0, nw - crop + 1)) if nw > crop else 0
+    dst_top = int(rng.integers(0, crop - nh + 1)) if nh < crop else 0
+    dst_left = int(rng.integers(0, crop - nw + 1)) if nw < crop else 0
+    ch, cw = min(crop, nh), min(crop, nw)
+    out[:, dst_top:dst_top + ch, dst_left:dst_left + cw] = image[:, top:top + ch, left:left + cw]
+    return out
+
+
+class ClassificationData(Dataset):
+    """(image tensor, multi-hot labels, index) with per-(epoch, index) seeded augmentation."""
+
+    def __init__(
+        self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float], seed: int, cache: bool = True
+    ) -> None:
+        self.dataset = dataset
+        self.crop = crop
+        self.scale_range = scale_range
+        self.seed = seed
+        self.epoch = 0
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image_id = self.dataset.ids[index]
+        item = (to_tensor(self.dataset.image(image_id)), torch.from_numpy(self.dataset.multi_hot(image_id)))
+        if self._cache is not None:
+            self._cache[index] = item
+        return item
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, target = self._load(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return random_scale_flip_crop(image, rng, self.scale_range, self.crop), target, index

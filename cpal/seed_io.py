@@ -1,0 +1,84 @@
+"""The seed file format (one float16 .npz per image), written by make_seeds and read downstream.
+
+Keys: `cam` and, for prototype methods, `pacam`: (C, H, W) float16 in [0, 1] at the image's full
+resolution, one channel per image-level (foreground) class; `keys`: (C,) int64 dataset class ids of
+those channels (1..N-1); background is NOT included (it comes from a threshold at evaluation or from
+the refinement stages); `size`: (2,) int64 image (height, width).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from cpal.io import atomic_path
+
+MAP_KEYS = ("cam", "pacam")
+
+
+class SeedError(ValueError):
+    """A seed file is missing, truncated or inconsistent with its image."""
+
+
+def save_seeds(path: str | os.PathLike[str], keys: np.ndarray, size: tuple[int, int],
+               maps: dict[str, np.ndarray]) -> None:
+    arrays = {"keys": np.asarray(keys, dtype=np.int64), "size": np.asarray(size, dtype=np.int64)}
+    for name, value in maps.items():
+        if name not in MAP_KEYS:
+            raise ValueError(f"unknown seed map {name!r}; allowed: {MAP_KEYS}")
+        if value.shape != (len(keys), *size):
+            raise ValueError(f"{path}: map {name} has shape {value.shape}, expected {(len(keys), *size)}")
+        arrays[name] = value.astype(np.float16)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def load_seeds(path: str | os.PathLike[str], expected_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Read and check a seed file; `expected_size` is the image's (height, width)."""
+    path = Path(path)
+    try:
+        with np.load(path) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise SeedError(f"seed file not found: {path} (rerun make_seeds)") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise SeedError(f"unreadable or truncated seed file: {path} ({exc})") from exc
+    if "keys" not in data or "size" not in data or "cam" not in data:
+        raise SeedError(f"{path}: not a seed file (needs keys, size, cam)")
+    size = tuple(int(v) for v in data["size"])
+    if expected_size is not None and size != tuple(expected_size):
+        raise SeedError(f"{path}: seeds are {size[1]}x{size[0]} but the image is "
+                        f"{expected_size[1]}x{expected_size[0]}")
+    for name in MAP_KEYS:
+        if name in data and data[name].shape != (len(data["keys"]), *size):
+            raise SeedError(f"{path}: map {name} has shape {data[name].shape}, expected "
+                            f"{(len(data['keys']), *size)}")
+    return data
+
+
+def seed_path(seed_dir: str | os.PathLike[str], image_id: str) -> Path:
+    return Path(seed_dir) / f"{image_id}.npz"
+
+
+def labels_from_maps(maps: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
+    """Seed label map: argmax over foreground maps, background where every map is below the threshold."""
+    if maps.shape[0] == 0:
+        return np.zeros(maps.shape[1:], dtype=np.uint8)
+    maps = maps.astype(np.float32)
+    best = maps.argmax(axis=0)
+    label = np.asarray(keys, dtype=np.uint8)[best]
+    label[maps.max(axis=0) < bg_threshold] = 0
+    return label
+
+
+def check_complete(seed_dir: str | os.PathLike[str], ids: list[str]) -> None:
+    """Every id of the split needs a seed file: name the missing ones (a killed make_seeds, another split)."""
+    missing = [i for i in ids if not seed_path(seed_dir, i).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise SeedError(f"{seed_dir}: no seeds for {len(missing)} of {len(ids)} images: "
+                        f"{', '.join(missing[:10])}{more}; rerun make_seeds for this split")

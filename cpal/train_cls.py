@@ -1,0 +1,249 @@
+"""Classifier training for the CAM / SIPE / CPAL methods (stage `train_cls`).
+
+Resumable: a checkpoint after every epoch holds model (support bank included), optimizer, scheduler
+and RNG states, tagged with a fingerprint of the settings; a rerun with the same settings continues
+from it and ends with the same weights as an uninterrupted run (augmentation and batch order are
+seeded per epoch, so they do not depend on where a run stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpal.data.torch_data import ClassificationData, to_tensor
+from cpal.data.voc import VOCDataset
+from cpal.io import write_json
+from cpal.models.cam_net import CAMNet
+from cpal.runtime import seed_everything
+from cpal.training import (
+    CheckpointError,
+    build_optimizer,
+    config_fingerprint,
+    load_checkpoint,
+    poly_lambda,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_determinism,
+    set_rng_state,
+)
+
+CHECKPOINT_FORMAT = 1
+
+
+def build_model(params: dict[str, Any], num_classes: int) -> CAMNet:
+    """The classifier of params `train_cls` for `num_classes` foreground classes."""
+    cfg = params["train_cls"]
+    return CAMNet(num_classes, backbone=cfg["backbone"], pretrained=cfg["pretrained"], method_cfg=params["params"])
+
+
+def model_meta(params: dict[str, Any], dataset: VOCDataset) -> dict[str, Any]:
+    """What a checkpoint must agree with before anyone uses it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "method": params["params"]["method"],
+        "backbone": params["train_cls"]["backbone"],
+        "num_classes": dataset.num_classes - 1,
+        "classes": dataset.classes,
+        "params": params["params"],
+    }
+
+
+def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+    """A checkpoint made with another method, backbone or class count is refused with a reason."""
+    for key in ("method", "backbone", "num_classes"):
+        if meta.get(key) != expected[key]:
+            raise CheckpointError(
+                f"{path} was trained with {key} = {meta.get(key)!r}, but the current settings need "
+                f"{key} = {expected[key]!r}; retrain (rerun train_cls) or change params"
+            )
+
+
+def load_trained_model(path: Path, params: dict[str, Any], dataset: VOCDataset, device: torch.device) -> CAMNet:
+    ckpt = load_checkpoint(path, map_location="cpu")
+    check_meta(ckpt.get("meta", {}), model_meta(params, dataset), path)
+    model = build_model(params, dataset.num_classes - 1)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def param_groups(model: torch.nn.Module, lr: float, new_layer_mult: float) -> list[dict[str, Any]]:
+    """Pretrained backbone at lr, newly added layers at lr * new_layer_mult (IRN / SIPE practice)."""
+    backbone, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else new).append(p)
+    return [{"params": backbone, "lr": lr}, {"params": new, "lr": lr * new_layer_mult}]
+
+
+@torch.no_grad()
+def evaluate_map(model: CAMNet, dataset: VOCDataset, device: torch.device, batch_size: int) -> float:
+    """Mean average precision of the image-level classifier (labels only: no pixel supervision)."""
+    model.eval()
+    scores, targets = [], []
+    for start in range(0, len(dataset), batch_size):
+        ids = dataset.ids[start:start + batch_size]
+        images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
+        scores.append(model.classify(images).float().cpu())
+        targets.append(torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])))
+    model.train()
+    return mean_average_precision(torch.cat(scores).numpy(), torch.cat(targets).numpy())
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    aps = []
+    for c in range(targets.shape[1]):
+        positives = targets[:, c].sum()
+        if positives == 0:
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = targets[order, c]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / positives))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def train_classifier(
+    params: dict[str, Any],
+    data_dir: Path,
+    out_dir: Path,
+    log: logging.Logger,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train, checkpoint every epoch, write `model.pt` and `metrics.json` into out_dir.
+
+    `stop_after_epoch` ends the run early as a kill would (for tests of resumption).
+    """
+    cfg, run = params["train_cls"], params["run"]
+    device = resolve_device(run["device"])
+    set_determinism(device)
+    seed_everything(run["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = out_dir / "resume.pt"
+
+    train_set = VOCDataset(data_dir, cfg["train_split"])
+    val_set = VOCDataset(data_dir, cfg["val_split"])
+    data = ClassificationData(train_set, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
+                              cache=cfg["cache_images"])
+    batch = cfg["batch_size"]
+    steps_per_epoch = len(data) // batch if cfg["drop_last"] else math.ceil(len(data) / batch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"train_cls.batch_size = {batch} exceeds the {len(data)} training images (drop_last)")
+    total_steps = steps_per_epoch * cfg["epochs"]
+
+    model = build_model(params, train_set.num_classes - 1).to(device)
+    optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["new_layer_lr_mult"]), cfg["optimizer"],
+                                cfg["lr"], cfg["momentum"], cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"],
+                                                                         cfg["warmup_steps"]))
+    use_amp = device.type == "cuda" and cfg["amp"]
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    meta = model_meta(params, train_set)
+    fingerprint = config_fingerprint(params["params"], cfg, run["seed"], params["data"])
+
+    start_epoch, history = 0, []
+    if resume_path.is_file():
+        try:
+            state = load_checkpoint(resume_path, map_location=device)
+            if state.get("fingerprint") == fingerprint:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                set_rng_state(state["rng"])
+                start_epoch, history = state["epoch"], list(state["history"])
+                log.info("resuming from %s after epoch %d", resume_path, start_epoch)
+            else:
+                log.info("ignoring %s: it was made with other settings", resume_path)
+        except CheckpointError as exc:
+            log.warning("ignoring unusable resume checkpoint: %s", exc)
+
+    live = _open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    model.train()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        data.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
+        loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, generator=generator,
+                            drop_last=cfg["drop_last"], num_workers=run["num_workers"],
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_self": 0.0}
+        seen, t0 = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not progress,
+                   leave=False)
+        for images, targets, _ in bar:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                out = model(images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = images.shape[0]
+            seen += n
+            for key in sums:
+                sums[key] += float(out[key].detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        seconds = time.perf_counter() - t0
+        record = {key: value / max(seen, 1) for key, value in sums.items()}
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds,
+                      lr=scheduler.get_last_lr()[0],
+                      val_map=evaluate_map(model, val_set, device, cfg["batch_size"]))
+        history.append(record)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        if live is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    live.log_metric(f"train_cls/{key}", value)
+            live.next_step()
+        save_checkpoint(resume_path, {
+            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "meta": meta,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+        })
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
+            log.info("stopping after epoch %d as asked", epoch + 1)
+            return {"stopped_after_epoch": epoch + 1}
+    if live is not None:
+        live.end()
+
+    # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
+    timed = ("seconds", "images_per_s")
+    metrics = {
+        "epochs": cfg["epochs"],
+        "final_loss": history[-1]["loss"] if history else None,
+        "val_map": history[-1]["val_map"] if history else None,
+        "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
+    }
+    timing = {
+        "device": str(device),
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
+        "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
+        "epoch_seconds": [h["seconds"] for h in history],
+    }
+    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "timing.json", timing)
+    resume_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _open_dvclive(path: Path, resume: bool):
+    """Per-epoch metrics through dvclive, never creating a DVC experiment by itself."""
+    try:
+        from dvclive import Live
+    except ImportError:  # dvclive is a declared dependency; stay usable without it
+        return None
+    return Live(dir=str(path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None,
+                monitor_system=False)

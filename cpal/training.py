@@ -1,0 +1,110 @@
+"""Training plumbing shared by the classifier, IRN and DeepLab stages.
+
+Checkpoints hold only tensors and plain Python containers so they load with
+torch.load(weights_only=True); a file carrying a pickled object is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpal.io import atomic_path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable, pickled objects, or made for another setting."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def set_determinism(device: torch.device) -> None:
+    """Deterministic kernels on CPU (same seed, same numbers); cuDNN autotuning on GPU for speed."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def poly_lambda(max_iters: int, power: float = 0.9, warmup_iters: int = 0):
+    """LR multiplier: linear warm-up, then (1 - it / max_iters) ** power (IRN / DeepLab schedule)."""
+
+    def factor(it: int) -> float:
+        if warmup_iters and it < warmup_iters:
+            return (it + 1) / warmup_iters
+        return max(0.0, 1.0 - it / max(1, max_iters)) ** power
+
+    return factor
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD or AdamW with every hyper-parameter passed by keyword (IRN passed weight decay as momentum)."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {name!r} is not one of sgd | adamw")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors and plain lists (weights_only-loadable)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True; errors name the file and say why it was refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        reason = "it carries pickled Python objects" if "weights_only" in str(exc) else "unreadable or truncated"
+        raise CheckpointError(f"refusing checkpoint {path}: {reason} ({type(exc).__name__})") from exc
+
+
+def config_fingerprint(*parts: Any) -> str:
+    """Hash of the settings a checkpoint was trained under: resume only into the same settings."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,36 @@
+"""Stage `eval_seeds`: CAM and PACAM seed mIoU with the background-threshold sweep (JSON, CSV, PNG)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cpal.data.voc import VOCDataset
+from cpal.io import write_json
+from cpal.plots import plot_threshold_curve
+from cpal.seed_eval import evaluate_seeds, thresholds_from, write_curve_csv
+from stages.common import parser, start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="dataset folder (params data.dir)")
+    p.add_argument("--seeds", required=True, help="folder of seed .npz files")
+    p.add_argument("--metrics", required=True, help="JSON for dvc metrics")
+    p.add_argument("--curve", required=True, help="CSV of mIoU against background threshold")
+    p.add_argument("--plot", required=True, help="PNG of the curve")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    log, params = start(args, "eval_seeds")
+    dataset = VOCDataset(args.data, params["seeds"]["split"])
+    results = evaluate_seeds(dataset, Path(args.seeds), thresholds_from(params["seeds"]), log,
+                             progress=not args.no_progress)
+    results["method"] = params["params"]["method"]
+    write_json(args.metrics, results)
+    write_curve_csv(results, Path(args.curve))
+    plot_threshold_curve(results, Path(args.plot), command="snakemake --cores 2 " + args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
