@@ -11,7 +11,7 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate  # noqa: E402
 
-from cpal.config import resolved_params_file, validate_params  # noqa: E402
+from cpal.config import validate_params, write_resolved_params  # noqa: E402
 
 
 configfile: "params.yaml"
@@ -20,10 +20,11 @@ configfile: "params.yaml"
 validate(config, "cpal/params.schema.json")
 validate_params(config, source="Snakemake config (params.yaml + overrides)")
 
-# Stages read their params from a file. Without overrides that is params.yaml itself (so the commands
-# equal dvc.yaml's); with --config/--configfile overrides, the merged config is written once and passed on.
-# Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them), not the file's mtime.
-PARAMS = resolved_params_file(config, "params.yaml", "outputs/params.snakemake.yaml")
+# Stages read their params from a file: the merged config (params.yaml plus any --config/--configfile
+# overrides) is written here, rewritten only when its content changes, so every stage sees exactly what
+# was validated above. dvc.yaml passes params.yaml itself; the commands are otherwise identical.
+# Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them).
+PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
 DATA = config["data"]["dir"]
 ENV = "environment.yml"
 

@@ -95,6 +95,21 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
     return params
 
 
+def validate_section(name: str, value: Any, source: str = "params.yaml") -> dict[str, Any]:
+    """Check one section against its part of the schema (for code handed a section, not a whole file)."""
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema["properties"][name])
+    errors = sorted(validator.iter_errors(value), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    problems = []
+    for error in errors:
+        error.path.appendleft(name)
+        problems.append(_describe(error))
+    problems += _cross_checks({name: value})
+    if problems:
+        raise ParamsError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
+    return value
+
+
 def load_params(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a params file with yaml.safe_load and validate it."""
     path = Path(path)
@@ -120,18 +135,13 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolved_params_file(config: dict[str, Any], default: str, override_path: str) -> str:
-    """Return `default` when `config` equals its contents, else write `config` to `override_path`.
+def write_resolved_params(config: dict[str, Any], path: str) -> str:
+    """Write `config` (Snakemake's merged config) to `path` unless it already holds it; return `path`.
 
-    Stages read a params file; Snakemake's --config/--configfile overrides exist only in memory, so
-    they are written out (and rewritten only when they change, to keep file times stable).
+    Snakemake's --config/--configfile overrides exist only in memory; stages read a file.
     """
-    with open(default) as fh:
-        on_disk = yaml.safe_load(fh)
-    if on_disk == config:
-        return default
     text = yaml.safe_dump(config, sort_keys=True)
-    target = Path(override_path)
+    target = Path(path)
     if not target.is_file() or target.read_text() != text:
         from cpal.io import write_text
 

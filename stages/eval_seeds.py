@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cpal.data.voc import VOCDataset
 from cpal.io import write_json
-from cpal.plots import plot_threshold_curve
-from cpal.seed_eval import evaluate_seeds, thresholds_from, write_curve_csv
+from cpal.seed_eval import plot_threshold_curve
+from cpal.seed_eval import evaluate_seeds, thresholds_from, write_curve_csv  # noqa: I001
 from stages.common import parser, start
 
 

@@ -19,3 +19,21 @@ def repo_root() -> Path:
 @pytest.fixture
 def default_params() -> dict:
     return copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def tiny_params() -> dict:
+    """configs/tiny.yaml, the preset the end-to-end tests run."""
+    from cpal.config import load_params
+
+    return load_params(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict) -> Path:
+    """The tiny embedded dataset, generated once per test session."""
+    from cpal.data.sources import prepare_dataset
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    prepare_dataset(out, tiny_params["data"], progress=False)
+    return out

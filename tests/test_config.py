@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpal.config import ParamsError, load_params, merge, resolved_params_file, validate_params
+from cpal.config import ParamsError, load_params, merge, validate_params, write_resolved_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,13 +116,12 @@ def test_merge_keeps_types_and_nesting() -> None:
     assert base["params"]["K"] == 5
 
 
-def test_resolved_params_file(tmp_path: Path, default_params: dict) -> None:
-    default = tmp_path / "params.yaml"
-    default.write_text(yaml.safe_dump(default_params))
-    override = tmp_path / "outputs" / "override.yaml"
-    assert resolved_params_file(default_params, str(default), str(override)) == str(default)
-    assert not override.exists()
-    changed = merge(default_params, {"params": {"K": 7}})
-    path = resolved_params_file(changed, str(default), str(override))
-    assert path == str(override)
-    assert load_params(path)["params"]["K"] == 7
+def test_write_resolved_params(tmp_path: Path, default_params: dict) -> None:
+    target = tmp_path / "outputs" / "resolved.yaml"
+    assert write_resolved_params(default_params, str(target)) == str(target)
+    assert load_params(target) == default_params
+    mtime = target.stat().st_mtime_ns
+    write_resolved_params(default_params, str(target))
+    assert target.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
+    write_resolved_params(merge(default_params, {"params": {"K": 7}}), str(target))
+    assert load_params(target)["params"]["K"] == 7

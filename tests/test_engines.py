@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE_PARAMS = "--params outputs/params.snakemake.yaml"  # the Snakefile's written merged config
 CODE_PREFIXES = ("stages/", "cpal/")
 
 
@@ -29,7 +30,7 @@ def snakemake_jobs() -> dict[str, dict]:
             current[m.group(1)] = [p.strip() for p in m.group(2).split(",")]
         elif current is not None and line.startswith("Shell command: "):
             cmd = line[len("Shell command: "):].strip()
-            current["cmd"] = None if cmd == "None" else cmd
+            current["cmd"] = None if cmd == "None" else cmd.replace(SNAKEMAKE_PARAMS, "--params params.yaml")
     jobs.pop("all", None)
     return jobs
 

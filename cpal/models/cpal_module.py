@@ -1,0 +1,295 @@
+"""The CPAL mechanism (DESIGN section 5, steps 3-11): CAM normalisation, seeds, instance prototypes,
+the support bank, feature distribution alignment, positiveness-weighted top-K context prototypes,
+the prototype-aware CAM (PACAM) and the self-supervision loss.
+
+Conventions: a map tensor with ``N + 1`` channels holds the background at channel 0 and foreground
+class ``n`` (dataset class index ``n``) at channel ``n``. The support bank indexes foreground classes
+only, so dataset class ``n`` lives in bank row ``n - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("cam", "sipe", "cpal")
+METRICS = ("dot", "cos", "l2")
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CPALConfig:
+    """The ``params`` section of params.yaml (the CPAL method), validated."""
+
+    method: str = "cpal"
+    K: int = 5
+    bank_size: int = 100
+    metric: str = "dot"
+    temperature: float = 0.1
+    tau: float = 0.0
+    context_weight: float = 0.5
+    lambda_self: float = 0.5
+    use_alignment: bool = True
+    use_positiveness: bool = True
+    center_features: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any] | None, where: str = "params") -> CPALConfig:
+        """Missing keys take the defaults above; the result is checked against the params schema."""
+        from cpal.config import validate_section
+
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(cfg).__name__}")
+        merged = {**asdict(cls()), **cfg}
+        validate_section("params", merged, source=where)
+        return cls(**merged)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAM, seeds, instance prototypes
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Divide each (image, channel) map by its spatial maximum, so that non-negative maps lie in [0, 1]."""
+    return maps / (maps.amax(dim=(2, 3), keepdim=True) + eps)
+
+
+def cam_with_background(raw_cam: torch.Tensor, present: torch.Tensor,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """CAM M (B, N+1, h, w) from the classifier's raw maps (B, N, h, w) and the labels (B, N).
+
+    ReLU; absent classes (and invalid pixels, ``valid`` (B, 1, h, w)) zeroed; each class divided by
+    its spatial max; background M_0 = 1 - max over the (present) foreground classes. Zeroing comes
+    first, so the background answers "none of this image's classes", as at seed time.
+    """
+    mask = present.to(raw_cam.dtype)[:, :, None, None]
+    if valid is not None:
+        mask = mask * valid.to(raw_cam.dtype)
+    fg = normalize_maps(F.relu(raw_cam) * mask)
+    bg = 1.0 - fg.amax(dim=1, keepdim=True)
+    if valid is not None:
+        bg = bg * valid.to(raw_cam.dtype)
+    return torch.cat([bg, fg], dim=1)
+
+
+def seeds_from_cam(cam: torch.Tensor, present_all: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Seeds S (B, h, w): argmax of M over background and present classes; -1 on invalid pixels."""
+    scores = cam.detach().masked_fill(~present_all[:, :, None, None], float("-inf"))
+    seeds = scores.argmax(dim=1)
+    if valid is not None:
+        seeds = seeds.masked_fill(~valid[:, 0].bool(), -1)
+    return seeds
+
+
+def instance_prototypes(features: torch.Tensor, seeds: torch.Tensor,
+                        num_maps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked average pooling of F (B, C, h, w) over S == k for k < num_maps.
+
+    Returns prototypes (B, num_maps, C) and pixel counts (B, num_maps); a map with no seed pixel
+    gets a zero prototype and count 0 (callers must treat it as missing).
+    """
+    ids = torch.arange(num_maps, device=seeds.device)
+    onehot = (seeds.unsqueeze(1) == ids[None, :, None, None]).to(features.dtype)
+    counts = onehot.sum(dim=(2, 3))
+    sums = torch.einsum("bkhw,bchw->bkc", onehot, features)
+    return sums / counts.clamp(min=1).unsqueeze(-1), counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Support bank
+
+
+class SupportBank(nn.Module):
+    """Per foreground class a FIFO queue of ``size`` context prototypes, kept as buffers.
+
+    Buffers (saved in state_dict): ``prototypes`` (N, size, C), ``count`` (N,) how many slots are
+    filled, ``ptr`` (N,) the next slot to write (the oldest entry once the queue is full).
+    """
+
+    def __init__(self, num_classes: int, size: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes, self.size, self.dim = num_classes, size, dim
+        self.register_buffer("prototypes", torch.zeros(num_classes, size, dim))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, class_ids: torch.Tensor, prototypes: torch.Tensor) -> None:
+        """Append prototypes (M, C) of foreground classes ``class_ids`` (M,) in 0..N-1, in order.
+
+        Each class keeps its ``size`` newest entries; within a call, later rows count as newer.
+        """
+        class_ids = class_ids.to(self.count.device).long()
+        if class_ids.numel() == 0:
+            return
+        if prototypes.shape != (class_ids.numel(), self.dim):
+            raise ValueError(f"SupportBank.push: prototypes of shape {tuple(prototypes.shape)}, "
+                             f"expected ({class_ids.numel()}, {self.dim})")
+        if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes:
+            raise ValueError(f"SupportBank.push: class ids must lie in 0..{self.num_classes - 1}")
+        protos = prototypes.detach().to(self.prototypes.device, self.prototypes.dtype)
+        for c in torch.unique(class_ids).tolist():
+            new = protos[class_ids == c]
+            m = new.shape[0]
+            ptr = int(self.ptr[c])
+            skip = max(0, m - self.size)  # entries overwritten within this very call
+            new = new[skip:]
+            slots = (ptr + skip + torch.arange(new.shape[0], device=new.device)) % self.size
+            self.prototypes[c, slots] = new
+            self.ptr[c] = (ptr + m) % self.size
+            self.count[c] = min(int(self.count[c]) + m, self.size)
+
+    def get(self, class_id: int) -> torch.Tensor:
+        """The filled prototypes of foreground class ``class_id`` (count, C), in storage order."""
+        return self.prototypes[class_id, : int(self.count[class_id])]
+
+    def ordered(self, class_id: int) -> torch.Tensor:
+        """The filled prototypes of ``class_id`` from oldest to newest."""
+        entries = self.get(class_id)
+        if int(self.count[class_id]) < self.size:
+            return entries
+        return torch.roll(entries, shifts=-int(self.ptr[class_id]), dims=0)
+
+    def reset(self) -> None:
+        self.prototypes.zero_()
+        self.count.zero_()
+        self.ptr.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, size={self.size}, dim={self.dim}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Alignment, positiveness, context prototypes
+
+
+def alignment_shift(bank_prototypes: torch.Tensor, instance_prototypes: torch.Tensor) -> torch.Tensor:
+    """delta_n = mean of the bank's prototypes of class n - mean of the batch's instance prototypes."""
+    return bank_prototypes.mean(dim=0) - instance_prototypes.mean(dim=0)
+
+
+def similarity(anchors: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """Similarity (m, k) of anchors (m, C) to keys (k, C): dot, cosine, or negative squared L2 distance."""
+    keys = keys.to(anchors.dtype)
+    if metric == "dot":
+        return anchors @ keys.T
+    if metric == "cos":
+        return F.normalize(anchors, dim=1) @ F.normalize(keys, dim=1).T
+    if metric == "l2":
+        sq = (anchors * anchors).sum(1, keepdim=True) + (keys * keys).sum(1)[None, :] - 2 * anchors @ keys.T
+        return -sq.clamp(min=0)
+    raise ValueError(f"params.metric: {metric!r} is not one of {' | '.join(METRICS)}")
+
+
+def top_k(anchors: torch.Tensor, keys: torch.Tensor, k: int,
+          metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min(k, len(keys)) most similar keys per anchor: similarities and indices (m, k'), best first."""
+    sims = similarity(anchors, keys, metric)
+    return sims.topk(min(k, keys.shape[0]), dim=1)
+
+
+def positiveness_weights(sims: torch.Tensor, temperature: float, tau: float) -> torch.Tensor:
+    """softmax(sims / T) over the neighbours; weights below ``tau`` dropped, the rest renormalised.
+
+    The most similar neighbour is always kept, so a row never ends up empty (if ``tau`` exceeds
+    every weight, the context prototype is that single neighbour).
+    """
+    weights = torch.softmax(sims / temperature, dim=1)
+    if tau > 0:
+        keep = weights >= tau
+        best = torch.arange(weights.shape[1], device=weights.device) == weights.argmax(1, keepdim=True)
+        keep = keep | best
+        weights = weights * keep
+        weights = weights / weights.sum(dim=1, keepdim=True)
+    return weights
+
+
+def context_prototypes(anchors: torch.Tensor, keys: torch.Tensor, k: int, metric: str, temperature: float,
+                       tau: float, use_positiveness: bool = True) -> torch.Tensor:
+    """P^C (m, C): the positiveness-weighted sum of each anchor's top-K keys (or their plain mean).
+
+    ``keys`` must be non-empty; with fewer than K keys all of them are used.
+    """
+    if keys.shape[0] == 0:
+        raise ValueError("context_prototypes: the bank holds no prototype of this class")
+    sims, idx = top_k(anchors, keys, k, metric)
+    if use_positiveness:
+        weights = positiveness_weights(sims, temperature, tau)
+    else:
+        weights = torch.full_like(sims, 1.0 / sims.shape[1])
+    neighbours = keys.to(anchors.dtype)[idx]  # (m, k', C)
+    return torch.einsum("mk,mkc->mc", weights, neighbours)
+
+
+def mix_prototypes(instance: torch.Tensor, ok: torch.Tensor, bank: SupportBank, cfg: CPALConfig,
+                   align: bool | None = None) -> torch.Tensor:
+    """The PACAM prototypes (B, N+1, C): (1 - w) P^I + w P^C for each present foreground class.
+
+    P^C is retrieved with the aligned anchor P^I + delta_n (delta over this batch's prototypes of
+    class n, if ``align``, default ``cfg.use_alignment``). A class whose bank is empty keeps P^I
+    alone; with fewer than K entries, all of them are used. The background (channel 0) and missing
+    prototypes (``ok`` False) are left as they are.
+    """
+    align = cfg.use_alignment if align is None else align
+    out = instance.clone()
+    w = cfg.context_weight
+    if w == 0:
+        return out
+    for n in range(1, instance.shape[1]):
+        rows = ok[:, n].nonzero().squeeze(1)
+        if rows.numel() == 0 or int(bank.count[n - 1]) == 0:
+            continue
+        keys = bank.get(n - 1).clone()  # a copy: the bank is written in place after this batch
+        p_inst = instance[rows, n]
+        anchors = p_inst + alignment_shift(keys, p_inst) if align else p_inst
+        p_ctx = context_prototypes(anchors, keys, cfg.K, cfg.metric, cfg.temperature, cfg.tau,
+                                   cfg.use_positiveness)
+        out[rows, n] = ((1 - w) * p_inst + w * p_ctx).to(out.dtype)  # the bank is float32 under AMP
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# PACAM and the self-supervision loss
+
+
+def prototype_cam(features: torch.Tensor, prototypes: torch.Tensor, ok: torch.Tensor, center: bool = True,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw PACAM (B, K, h, w) = ReLU(cos(F, prototype_k)), zero where ``ok`` (B, K) is False.
+
+    With ``center``, each image's mean feature (over valid pixels) is subtracted from F and from the
+    prototypes before the cosine: without it every cosine is high and the map covers everything
+    (DESIGN section 11). Not yet divided by its max; see :func:`normalize_maps`.
+    """
+    if center:
+        if valid is None:
+            mu = features.mean(dim=(2, 3))
+        else:
+            v = valid.to(features.dtype)
+            mu = (features * v).sum(dim=(2, 3)) / v.sum(dim=(2, 3)).clamp(min=1)
+        features = features - mu[:, :, None, None]
+        prototypes = prototypes - mu[:, None, :]
+    cos = torch.einsum("bchw,bkc->bkhw", F.normalize(features, dim=1), F.normalize(prototypes, dim=2))
+    maps = F.relu(cos) * ok.to(cos.dtype)[:, :, None, None]
+    if valid is not None:
+        maps = maps * valid.to(cos.dtype)
+    return maps
+
+
+def self_loss(cam: torch.Tensor, pacam: torch.Tensor, present_all: torch.Tensor,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_self = 1/(N+1) * sum over background and present classes of the mean-over-pixels |M - M~|,
+    averaged over the batch (pixel means over valid pixels when ``valid`` is given)."""
+    diff = (cam - pacam).abs() * present_all.to(cam.dtype)[:, :, None, None]
+    if valid is None:
+        per_map = diff.mean(dim=(2, 3))
+    else:
+        v = valid.to(cam.dtype)
+        per_map = (diff * v).sum(dim=(2, 3)) / v.sum(dim=(2, 3)).clamp(min=1)
+    return per_map.sum(dim=1).mean() / cam.shape[1]
