@@ -7,6 +7,7 @@ stage never leaves a half-written file that a rerun would accept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -46,6 +47,11 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def voc_palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: class i gets the colour the VOC devkit gives it; 255 is cream."""
+    return _voc_palette(n).copy()
+
+
+@functools.cache
+def _voc_palette(n: int) -> np.ndarray:
     palette = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         c, r, g, b = i, 0, 0, 0
@@ -58,6 +64,11 @@ def voc_palette(n: int = 256) -> np.ndarray:
     return palette
 
 
+@functools.cache
+def _palette_bytes() -> bytes:
+    return _voc_palette(256).tobytes()
+
+
 def save_label_png(path: str | os.PathLike[str], label: np.ndarray) -> None:
     """Write a label map (uint8, class ids, 255 = ignore) as a VOC palette PNG, atomically."""
     if label.ndim != 2:
@@ -67,7 +78,7 @@ def save_label_png(path: str | os.PathLike[str], label: np.ndarray) -> None:
             raise ValueError(f"{path}: label values must lie in 0..255, got {label.min()}..{label.max()}")
         label = label.astype(np.uint8)
     img = Image.fromarray(label, mode="P")
-    img.putpalette(voc_palette().reshape(-1).tolist())
+    img.putpalette(_palette_bytes())
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

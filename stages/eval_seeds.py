@@ -7,8 +7,7 @@ from pathlib import Path
 
 from cpal.data.voc import VOCDataset
 from cpal.io import write_json
-from cpal.seed_eval import plot_threshold_curve
-from cpal.seed_eval import evaluate_seeds, thresholds_from, write_curve_csv  # noqa: I001
+from cpal.seed_eval import evaluate_seeds, plot_threshold_curve, thresholds_from, write_curve_csv  # noqa: I001
 from stages.common import parser, start
 
 

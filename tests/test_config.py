@@ -4,7 +4,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cpal.config import ParamsError, load_params, merge, validate_params, write_resolved_params
 
