@@ -36,8 +36,12 @@ def _size_batches(dataset: VOCDataset, batch_size: int) -> list[list[str]]:
 
 @torch.no_grad()
 def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, scales: list[float],
-                    flip: bool, align: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed raw CAM (B, N, H, W) and PACAM (B, N, H, W, foreground only) at the input resolution."""
+                    flip: bool, align: bool = False, context: bool | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed raw CAM (B, N, H, W) and PACAM (B, N, H, W, foreground only) at the input resolution.
+
+    `context` None: the method's own choice (the bank for cpal); False: instance prototypes only.
+    """
     size = images.shape[2:]
     cam_sum, pacam_sum = None, None
     for scale in scales:
@@ -45,7 +49,7 @@ def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, s
                                                       align_corners=False, recompute_scale_factor=False)
         views = [x, x.flip(-1)] if flip else [x]
         for v, view in enumerate(views):
-            cam, pacam = model.infer(view, labels, align=align)
+            cam, pacam = model.infer(view, labels, align=align, context=context)
             maps = [cam] if pacam is None else [cam, pacam[:, 1:]]
             maps = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
             if v == 1:
@@ -64,7 +68,7 @@ def _normalise_present(maps: torch.Tensor, keys: np.ndarray) -> np.ndarray:
 
 
 def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str, Any], device: torch.device,
-               log: logging.Logger, progress: bool = True) -> dict[str, Any]:
+               log: logging.Logger, progress: bool = True, context: bool | None = None) -> dict[str, Any]:
     """Write one seed .npz per image (each atomically); return counts and timing."""
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = _size_batches(dataset, cfg["batch_size"])
@@ -74,7 +78,7 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     for ids in batches:
         images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
         labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])).to(device)
-        cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"])
+        cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
         for b, image_id in enumerate(ids):
             keys = dataset.labels(image_id)
             maps = {"cam": _normalise_present(cam[b], keys)}

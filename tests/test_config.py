@@ -4,6 +4,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cpal.config import ParamsError, load_params, merge, validate_params, write_resolved_params
 
@@ -16,7 +17,7 @@ def _error(params: dict) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/voc12.yaml", "configs/coco14.yaml"])
 def test_shipped_params_files_are_valid(name: str) -> None:
     load_params(ROOT / name)
 
@@ -124,3 +125,14 @@ def test_write_resolved_params(tmp_path: Path, default_params: dict) -> None:
     assert target.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
     write_resolved_params(merge(default_params, {"params": {"K": 7}}), str(target))
     assert load_params(target)["params"]["K"] == 7
+
+
+def test_presets_are_up_to_date() -> None:
+    """configs/voc12.yaml and coco14.yaml are derived from params.yaml (scripts/make_presets.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_presets", ROOT / "scripts" / "make_presets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.presets(yaml.safe_load((ROOT / "params.yaml").read_text())).items():
+        assert (ROOT / "configs" / name).read_text() == text, f"run: python scripts/make_presets.py ({name})"
