@@ -26,6 +26,7 @@ validate_params(config, source="Snakemake config (params.yaml + overrides)")
 # Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them).
 PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
 DATA = config["data"]["dir"]
+REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps"}
 ENV = "environment.yml"
 
 
@@ -33,6 +34,10 @@ rule all:
     input:
         "results/dataset_samples.png",
         "results/eval_seeds.json",
+        "results/eval_crf.json",
+        "results/eval_pseudo.json",
+        "results/eval_seg.json",
+        "results/eval_seg_full.json",
     default_target: True
 
 
@@ -147,3 +152,192 @@ rule eval_seeds:
     shell:
         "python -m stages.eval_seeds --params {params.params_file} --data {input.data} --seeds {input.seeds} "
         "--metrics {output.metrics} --curve {output.curve} --plot {output.plot} --log {log}"
+
+
+rule refine_crf:
+    input:
+        data=DATA,
+        seeds="outputs/seeds/maps",
+    output:
+        maps=directory("outputs/crf/maps"),
+        timing="outputs/crf/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        crf=config["crf"],
+    log:
+        "outputs/logs/refine_crf.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.refine_crf --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--out {output.maps} --workers {threads} --timing {output.timing} --log {log}"
+
+
+rule eval_crf:
+    input:
+        data=DATA,
+        maps="outputs/crf/maps",
+    output:
+        metrics="results/eval_crf.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+    log:
+        "outputs/logs/eval_crf.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
+        "--label crf --metrics {output.metrics} --log {log}"
+
+
+rule pseudo_labels:
+    input:
+        data=DATA,
+        source=REFINED[config["pseudo"]["source"]],
+    output:
+        labels=directory("outputs/pseudo/labels"),
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        pseudo=config["pseudo"],
+    log:
+        "outputs/logs/pseudo_labels.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.pseudo_labels --params {params.params_file} --data {input.data} "
+        "--source-dir {input.source} --out {output.labels} --log {log}"
+
+
+rule eval_pseudo:
+    input:
+        data=DATA,
+        labels="outputs/pseudo/labels",
+    output:
+        metrics="results/eval_pseudo.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        pseudo=config["pseudo"],
+    log:
+        "outputs/logs/eval_pseudo.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.labels} "
+        "--metrics {output.metrics} --log {log}"
+
+
+rule train_seg:
+    input:
+        data=DATA,
+        labels="outputs/pseudo/labels",
+    output:
+        model="outputs/seg/model.pt",
+        metrics="outputs/seg/metrics.json",
+        timing="outputs/seg/timing.json",
+    params:
+        params_file=PARAMS,
+        data=config["data"],
+        seg=config["seg"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_seg.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_seg --params {params.params_file} --data {input.data} --labels {input.labels} "
+        "--out outputs/seg --log {log}"
+
+
+rule eval_seg:
+    input:
+        data=DATA,
+        model="outputs/seg/model.pt",
+    output:
+        metrics="results/eval_seg.json",
+    params:
+        params_file=PARAMS,
+        seg=config["seg"],
+        run=config["run"],
+    log:
+        "outputs/logs/eval_seg.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
+        "--metrics {output.metrics} --log {log}"
+
+
+rule train_seg_full:
+    input:
+        data=DATA,
+    output:
+        model="outputs/seg_full/model.pt",
+        metrics="outputs/seg_full/metrics.json",
+        timing="outputs/seg_full/timing.json",
+    params:
+        params_file=PARAMS,
+        data=config["data"],
+        seg=config["seg"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_seg_full.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_seg --params {params.params_file} --data {input.data} --ground-truth "
+        "--out outputs/seg_full --log {log}"
+
+
+rule eval_seg_full:
+    input:
+        data=DATA,
+        model="outputs/seg_full/model.pt",
+    output:
+        metrics="results/eval_seg_full.json",
+    params:
+        params_file=PARAMS,
+        seg=config["seg"],
+        run=config["run"],
+    log:
+        "outputs/logs/eval_seg_full.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
+        "--metrics {output.metrics} --log {log}"

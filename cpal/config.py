@@ -69,10 +69,21 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             f"must not exceed data.embedded.max_objects = {emb['max_objects']}"
         )
     for key, value in (("data.embedded.object_scale", emb.get("object_scale")),
-                       ("train_cls.scale_range", params.get("train_cls", {}).get("scale_range"))):
+                       ("train_cls.scale_range", params.get("train_cls", {}).get("scale_range")),
+                       ("seg.scale_range", params.get("seg", {}).get("scale_range"))):
         if isinstance(value, list) and len(value) == 2 and value[0] > value[1]:
             problems.append(f"{key} = {value!r} is invalid: low must not exceed high")
+    method = params.get("params", {}).get("method")
+    for section in ("crf", "pseudo"):
+        if method == "cam" and params.get(section, {}).get("map") == "pacam":
+            problems.append(f"{section}.map = 'pacam' is invalid: params.method = 'cam' makes no PACAM (use map: cam)")
     seeds = params.get("seeds", {})
+    seg = params.get("seg", {})
+    if seeds and seg and seg.get("train_split") != seeds.get("split"):
+        problems.append(
+            f"seg.train_split = {seg.get('train_split')!r} is invalid: DeepLab trains on the pseudo-masks, which "
+            f"exist only for seeds.split = {seeds.get('split')!r}"
+        )
     if seeds.get("bg_threshold_min", 0) > seeds.get("bg_threshold_max", 1):
         problems.append(
             f"seeds.bg_threshold_min = {seeds['bg_threshold_min']} is invalid: "

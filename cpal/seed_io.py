@@ -82,3 +82,13 @@ def check_complete(seed_dir: str | os.PathLike[str], ids: list[str]) -> None:
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         raise SeedError(f"{seed_dir}: no seeds for {len(missing)} of {len(ids)} images: "
                         f"{', '.join(missing[:10])}{more}; rerun make_seeds for this split")
+
+
+def resolve_map(section: dict, method: str) -> dict:
+    """A section's `map: auto` becomes `pacam` for the prototype methods and `cam` for the plain CAM.
+
+    So `dvc exp run -S params.method=cam` stays a one-parameter change.
+    """
+    if section.get("map") != "auto":
+        return section
+    return {**section, "map": "cam" if method == "cam" else "pacam"}

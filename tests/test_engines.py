@@ -18,7 +18,7 @@ CODE_PREFIXES = ("stages/", "cpal/")
 def snakemake_jobs() -> dict[str, dict]:
     """Rule name -> command, inputs, outputs, from a forced dry run with printed shell commands."""
     out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "1"],
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "2"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     jobs: dict[str, dict] = {}

@@ -15,7 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages", "configs"]
 # Outputs that must not depend on the engine (timings and machine-stamped figures excluded).
-COMPARED = ["results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json"]
+COMPARED = ["results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json",
+            "results/eval_crf.json", "results/eval_pseudo.json", "outputs/seg/metrics.json", "results/eval_seg.json",
+            "results/eval_seg_full.json"]
+STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "pseudo_labels", "eval_pseudo",
+          "train_seg", "eval_seg", "train_seg_full", "eval_seg_full"]
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +73,13 @@ def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
     for path in COMPARED + ["results/dataset_samples.png", "results/eval_seeds_curve.png",
                             "outputs/train_cls/model.pt", "outputs/seeds/timing.json"]:
         assert (snakemake_run / path).is_file(), path
-    for log in ("data", "train_cls", "make_seeds", "eval_seeds"):
+    for log in STAGES:
         assert (snakemake_run / "outputs" / "logs" / f"{log}.log").stat().st_size > 0
     metrics = json.loads((snakemake_run / "results" / "eval_seeds.json").read_text())
     assert 0 < metrics["cam"]["miou"] <= 1 and 0 < metrics["pacam"]["miou"] <= 1
+    for name in ("eval_crf", "eval_pseudo", "eval_seg", "eval_seg_full"):
+        result = json.loads((snakemake_run / "results" / f"{name}.json").read_text())
+        assert 0 < result["miou"] <= 1, name
 
 
 def test_snakemake_and_dvc_give_identical_metrics(snakemake_run: Path, dvc_run: Path) -> None:

@@ -1,0 +1,137 @@
+"""Stages `pseudo_labels` / `eval_pseudo`: the pseudo-masks DeepLab trains on, and their quality.
+
+Sources (`cfg['source']`):
+- `seeds`: the seed label map of `cfg['map']` (cam | pacam) with background where every foreground map
+  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seed_io.labels_from_maps`). Optional
+  uncertainty band: pixels whose top foreground score lies in [`ignore_low`, `ignore_high`) become 255
+  (ignored by the segmentation loss); the band is off when `ignore_high <= ignore_low`. A band around
+  `bg_threshold` drops the pixels whose background / foreground call is least sure.
+- `crf` / `irn`: the refined label PNGs of that stage, checked (size, class range) and re-written.
+
+Output: one VOC palette PNG per id (class ids, 255 = uncertain), written to a hidden sibling folder that
+replaces `out_dir` only when every id is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cpal.data.voc import IGNORE_INDEX, VOCDataset
+from cpal.io import load_label_png, save_label_png
+from cpal.metrics import ConfusionMatrix
+from cpal.refine_crf import staged_dir
+from cpal.seed_io import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
+
+SOURCES = ("seeds", "crf", "irn")
+
+
+class PseudoLabelError(ValueError):
+    """A pseudo-label input or output is missing or inconsistent; the message names the file or id."""
+
+
+def pseudo_from_seeds(seeds: dict[str, np.ndarray], cfg: dict[str, Any], source: str = "") -> np.ndarray:
+    """Seed label map with the optional uncertainty band set to 255; (H, W) uint8."""
+    kind = cfg["map"]
+    if kind not in MAP_KEYS:
+        raise ValueError(f"pseudo.map = {kind!r} is invalid; allowed: {MAP_KEYS}")
+    if kind not in seeds:
+        raise PseudoLabelError(f"{source}: seed file has no {kind!r} map")
+    maps = seeds[kind].astype(np.float32)
+    label = labels_from_maps(maps, seeds["keys"], float(cfg["bg_threshold"]))
+    low, high = float(cfg.get("ignore_low", 0.0)), float(cfg.get("ignore_high", 0.0))
+    if high > low and maps.shape[0]:
+        peak = maps.max(axis=0)
+        label[(peak >= low) & (peak < high)] = IGNORE_INDEX
+    return label
+
+
+def _from_png(dataset: VOCDataset, folder: Path, image_id: str) -> np.ndarray:
+    path = folder / f"{image_id}.png"
+    try:
+        label = load_label_png(path)
+    except FileNotFoundError:
+        raise PseudoLabelError(f"refined label map missing for image {image_id!r}: {path}") from None
+    size = dataset.image_size(image_id)
+    if label.shape != size:
+        raise PseudoLabelError(f"{path}: label map is {label.shape[1]}x{label.shape[0]} but image {image_id!r} "
+                               f"is {size[1]}x{size[0]}")
+    bad = (label >= dataset.num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        raise PseudoLabelError(f"{path}: value(s) {sorted(np.unique(label[bad]).tolist())} outside the class range "
+                               f"0..{dataset.num_classes - 1} (and {IGNORE_INDEX})")
+    return label
+
+
+def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: Path, cfg: dict[str, Any],
+                       log: logging.Logger, progress: bool = True) -> dict[str, Any]:
+    """Write `out_dir/<id>.png` for every id of the split; returns a small summary (counts, ignored share)."""
+    if source not in SOURCES:
+        raise ValueError(f"pseudo.source = {source!r} is invalid; allowed: {SOURCES}")
+    inputs = Path(inputs)
+    if not inputs.is_dir():
+        raise PseudoLabelError(f"pseudo-label input folder not found: {inputs} (source {source!r})")
+    if source == "seeds":
+        check_complete(inputs, dataset.ids)
+    ignored = total = 0
+    with staged_dir(out_dir, log) as tmp:
+        for image_id in tqdm(dataset.ids, desc=f"pseudo_labels ({source})", disable=not progress):
+            if source == "seeds":
+                path = seed_path(inputs, image_id)
+                seeds = load_seeds(path, expected_size=dataset.image_size(image_id))
+                label = pseudo_from_seeds(seeds, cfg, source=str(path))
+            else:
+                label = _from_png(dataset, inputs, image_id)
+            ignored += int((label == IGNORE_INDEX).sum())
+            total += label.size
+            save_label_png(tmp / f"{image_id}.png", label)
+    summary = {"source": source, "images": len(dataset), "ignored_fraction": ignored / total if total else 0.0}
+    log.info("pseudo_labels: %d masks from %s, %.2f%% of pixels ignored", len(dataset), source,
+             100 * summary["ignored_fraction"])
+    return summary
+
+
+def evaluate_pseudo_labels(dataset: VOCDataset, folder: Path, progress: bool = False) -> dict[str, Any]:
+    """mIoU of the pseudo-masks against ground truth (a 255 counts as a miss) and on confident pixels only.
+
+    `miou` is the protocol number (DESIGN section 7: abstaining cannot raise it); `miou_confident`
+    excludes pixels the pseudo-mask ignores, i.e. the precision side of the coverage trade-off;
+    `ignored_fraction` is the share of all pixels set to 255, `ignored_fraction_labelled` the share
+    of ground-truth-labelled pixels.
+    """
+    if not dataset.has_masks():
+        raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks")
+    folder = Path(folder)
+    n = dataset.num_classes
+    cm, cm_confident = ConfusionMatrix(n), ConfusionMatrix(n)
+    ignored = total = ignored_labelled = labelled = 0
+    for image_id in tqdm(dataset.ids, desc="eval_pseudo", disable=not progress):
+        gt = dataset.mask(image_id)
+        pred = _from_png(dataset, folder, image_id)
+        cm.update(pred, gt)
+        unsure = pred == IGNORE_INDEX
+        cm_confident.update(pred, np.where(unsure, IGNORE_INDEX, gt))
+        valid = gt != IGNORE_INDEX
+        ignored += int(unsure.sum())
+        total += pred.size
+        ignored_labelled += int((unsure & valid).sum())
+        labelled += int(valid.sum())
+    scores = cm.scores(dataset.classes)
+    confident = cm_confident.scores(dataset.classes)
+    return {
+        "split": dataset.split,
+        "images": len(dataset),
+        "miou": scores["miou"],
+        "pixel_acc": scores["pixel_acc"],
+        "per_class_iou": {k: v["iou"] for k, v in scores["per_class"].items()},
+        "per_class_precision": {k: v["precision"] for k, v in scores["per_class"].items()},
+        "per_class_recall": {k: v["recall"] for k, v in scores["per_class"].items()},
+        "miou_confident": confident["miou"],
+        "per_class_iou_confident": {k: v["iou"] for k, v in confident["per_class"].items()},
+        "ignored_fraction": ignored / total if total else 0.0,
+        "ignored_fraction_labelled": ignored_labelled / labelled if labelled else 0.0,
+    }

@@ -1,0 +1,102 @@
+"""DeepLab evaluation on the val split (stage `eval_seg`): multi-scale + flip inference, optional dense CRF.
+
+Softmax probabilities are averaged over scales and flips at the image's own resolution; mIoU and
+per-class IoU come from cpal.metrics (DESIGN section 7). The CRF result is reported beside the plain
+one, never instead of it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cpal.data.torch_data import to_tensor
+from cpal.data.voc import DatasetError, VOCDataset
+from cpal.metrics import ConfusionMatrix
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: np.ndarray, scales: list[float], flip: bool, device: torch.device,
+                  amp: bool = False) -> torch.Tensor:
+    """Class probabilities (C, H, W) on the CPU: softmax averaged over every scale and its flip."""
+    x = to_tensor(image)[None].to(device)
+    h, w = x.shape[-2:]
+    total, count = None, 0
+    for scale in scales:
+        xs = x if scale == 1.0 else F.interpolate(
+            x, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
+            logits = model(batch)
+        logits = logits.float()
+        if logits.shape[-2:] != (h, w):
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        if flip:
+            probs = probs[:1] + probs[1:].flip(-1)
+        probs = probs.sum(dim=0)
+        total = probs if total is None else total + probs
+        count += 2 if flip else 1
+    return (total / count).cpu()
+
+
+def evaluate_segmenter(
+    model: nn.Module,
+    dataset: VOCDataset,
+    cfg: dict[str, Any],
+    device: torch.device,
+    log: logging.Logger,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """mIoU and per-class IoU of `model` on `dataset` (with ground truth), plain and, if cfg crf, with CRF.
+
+    cfg keys: scales (list of floats), flip (bool), crf (bool), crf_params (cpal.crf settings, when crf),
+    amp (bool, CUDA only).
+    """
+    if not dataset.has_masks():
+        missing = [i for i in dataset.ids if not dataset.mask_path(i).is_file()]
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatasetError(
+            f"split {dataset.split!r} of {dataset.root} has no ground-truth mask for {len(missing)} of "
+            f"{len(dataset)} id(s), e.g. {', '.join(missing[:5])}{more}: DeepLab is evaluated against ground "
+            f"truth; choose a split with masks (seg.val_split)"
+        )
+    scales = [float(s) for s in cfg["scales"]]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"seg.scales = {cfg['scales']!r}: need at least one scale, all > 0")
+    use_crf = bool(cfg.get("crf", False))
+    crf_fn, crf_params = None, None
+    if use_crf:
+        from cpal.crf import dense_crf  # pydensecrf is only needed when CRF post-processing is asked for
+
+        crf_fn, crf_params = dense_crf, cfg["crf_params"]
+    n = dataset.num_classes
+    plain, refined = ConfusionMatrix(n), ConfusionMatrix(n)
+    model.eval()
+    for image_id in tqdm(dataset.ids, desc="eval_seg", disable=not progress, leave=False):
+        image, gt = dataset.image(image_id), dataset.mask(image_id)
+        probs = predict_probs(model, image, scales, bool(cfg["flip"]), device, amp=bool(cfg.get("amp", False)))
+        if probs.shape[0] != n:
+            raise ValueError(f"the model predicts {probs.shape[0]} classes but {dataset.root} has {n}")
+        plain.update(probs.argmax(dim=0).numpy(), gt)
+        if crf_fn is not None:
+            refined.update(crf_fn(image, probs.numpy(), crf_params).argmax(axis=0), gt)
+    result = {
+        "split": dataset.split,
+        "images": len(dataset),
+        "scales": scales,
+        "flip": bool(cfg["flip"]),
+        **plain.scores(dataset.classes),
+        "crf": None,
+    }
+    log.info("eval_seg on %s (%d images): mIoU %.4f", dataset.split, len(dataset), result["miou"] or float("nan"))
+    if crf_fn is not None:
+        result["crf"] = {"settings": dict(crf_params), **refined.scores(dataset.classes)}
+        log.info("eval_seg with CRF: mIoU %.4f", result["crf"]["miou"] or float("nan"))
+    return result

@@ -1,0 +1,109 @@
+"""DeepLab segmenters: torchvision DeepLabV3 (ResNet-50/101) with a v3 or v2 head, or a small ResNet-18.
+
+The initialisation is a recorded choice (`init: none | imagenet`): deeplab-pytorch's default starts
+from weights trained on COCO segmentation, which is not weak supervision, so every result says what it
+started from. Weights are never downloaded unless `init: imagenet` asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet50_Weights, ResNet101_Weights, segmentation
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from cpal.models.backbone import build_backbone
+
+SEG_BACKBONES = ("resnet18", "resnet50", "resnet101")
+SEG_HEADS = ("v3", "v2")
+SEG_INITS = ("none", "imagenet")
+V2_RATES = (6, 12, 18, 24)
+
+
+class ASPPv2(nn.Module):
+    """DeepLab-v2 head: four parallel 3x3 dilated convolutions straight to class scores, summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = V2_RATES) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.branches:  # deeplab-pytorch's initialisation of the classifier
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(dim=0)
+
+
+class Segmenter(nn.Module):
+    """backbone -> head -> bilinear upsampling: logits (N, C, H, W) at the input resolution.
+
+    Parameters named `backbone.*` belong to the (possibly pretrained) backbone, everything else to the
+    new head (which trains at `head_lr_mult` times the learning rate).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, output_stride: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.output_stride = output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        if isinstance(feats, dict):  # torchvision's IntermediateLayerGetter
+            feats = feats["out"]
+        elif isinstance(feats, tuple):  # cpal.models.backbone.Backbone: the four stages
+            feats = feats[-1]
+        logits = self.head(feats)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _check(cfg: dict[str, Any], key: str, allowed: Sequence[str]) -> str:
+    if key not in cfg:
+        raise KeyError(f"seg.{key}: missing required key (one of {' | '.join(allowed)})")
+    value = cfg[key]
+    if value not in allowed:
+        raise ValueError(f"seg.{key} = {value!r} is not one of {' | '.join(allowed)}")
+    return value
+
+
+def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
+    """The DeepLab of params `seg` (backbone, head, init) for `num_classes` classes (background included).
+
+    ResNet-50/101: torchvision DeepLabV3 at output stride 8 (its head uses rates 12/24/36; v2 uses
+    6/12/18/24 as deeplab-pytorch does). ResNet-18: layer4 at stride 1, output stride 16, head rates
+    6/12/18 (v3) or 6/12/18/24 (v2): small enough to train on a CPU in a minute.
+    """
+    backbone_name = _check(cfg, "backbone", SEG_BACKBONES)
+    head_name = _check(cfg, "head", SEG_HEADS)
+    init = _check(cfg, "init", SEG_INITS)
+    if num_classes < 2:
+        raise ValueError(f"a segmenter needs at least 2 classes (background + 1), got {num_classes}")
+    imagenet = init == "imagenet"
+    if backbone_name == "resnet18":
+        backbone = build_backbone("resnet18", pretrained=imagenet)
+        channels, stride, v3_rates = backbone.channels[-1], backbone.output_stride, (6, 12, 18)
+    else:
+        if backbone_name == "resnet50":
+            builder, weights = segmentation.deeplabv3_resnet50, ResNet50_Weights.IMAGENET1K_V1
+        else:
+            builder, weights = segmentation.deeplabv3_resnet101, ResNet101_Weights.IMAGENET1K_V1
+        net = builder(weights=None, weights_backbone=weights if imagenet else None, num_classes=num_classes,
+                      aux_loss=False)
+        backbone, channels, stride, v3_rates = net.backbone, 2048, 8, (12, 24, 36)
+    head = DeepLabHead(channels, num_classes, v3_rates) if head_name == "v3" else ASPPv2(channels, num_classes)
+    return Segmenter(backbone, head, stride)
+
+
+def param_groups(model: Segmenter, lr: float, head_lr_mult: float) -> list[dict[str, Any]]:
+    """Backbone at lr, head at lr * head_lr_mult (DeepLab practice: 10x on the new layers)."""
+    backbone, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else head).append(p)
+    return [{"params": backbone, "lr": lr}, {"params": head, "lr": lr * head_lr_mult}]

@@ -1,0 +1,236 @@
+"""DeepLab training on pseudo-masks or ground truth (stage `train_seg`).
+
+Resumable like train_cls: a checkpoint after every epoch holds model, optimizer, scheduler, scaler and
+RNG states, tagged with a fingerprint of the settings and of the labels (their per-class pixel counts);
+a rerun with the same fingerprint continues and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpal.data.voc import IGNORE_INDEX, VOCDataset
+from cpal.io import write_json
+from cpal.runtime import seed_everything
+from cpal.seg.data import SegmentationData, class_balanced_weights
+from cpal.seg.model import Segmenter, build_segmenter, param_groups
+from cpal.train_cls import _open_dvclive
+from cpal.training import (
+    CheckpointError,
+    build_optimizer,
+    config_fingerprint,
+    load_checkpoint,
+    poly_lambda,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_determinism,
+    set_rng_state,
+)
+
+CHECKPOINT_FORMAT = 1
+# Keys that only change evaluation: editing them must not invalidate a half-finished training run.
+EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params")
+
+
+def seg_config(params: dict[str, Any]) -> dict[str, Any]:
+    """The `seg` section, with a clear error when the params file has none."""
+    if "seg" not in params:
+        raise KeyError("params has no section 'seg' (DeepLab settings); add it to the params file")
+    return params["seg"]
+
+
+def seg_meta(cfg: dict[str, Any], classes: list[str], labels: str) -> dict[str, Any]:
+    """What a DeepLab checkpoint records: architecture, initialisation and what it was trained on."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "backbone": cfg["backbone"],
+        "head": cfg["head"],
+        "init": cfg["init"],
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "labels": labels,
+    }
+
+
+def check_seg_meta(meta: dict[str, Any], cfg: dict[str, Any], classes: list[str], path: Path) -> None:
+    """A checkpoint made for another architecture, initialisation or class list is refused with a reason."""
+    expected = {"backbone": cfg["backbone"], "head": cfg["head"], "init": cfg["init"], "classes": list(classes)}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise CheckpointError(
+                f"{path} was trained with {key} = {meta.get(key)!r}, but the current settings need "
+                f"{key} = {value!r}; retrain (rerun train_seg) or change params"
+            )
+
+
+def load_segmenter(
+    path: Path, cfg: dict[str, Any], classes: list[str], device: torch.device
+) -> tuple[Segmenter, dict[str, Any]]:
+    """(model in eval mode, checkpoint meta) of a train_seg checkpoint, checked against params and classes."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    meta = ckpt.get("meta", {})
+    check_seg_meta(meta, cfg, classes, path)
+    model = build_segmenter({**cfg, "init": "none"}, len(classes))  # weights come from the file: no download
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), meta
+
+
+def train_segmenter(
+    params: dict[str, Any],
+    data_dir: Path,
+    labels_dir: Path | None,
+    out_dir: Path,
+    log: logging.Logger,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
+    """Train, checkpoint every epoch, write `model.pt`, `metrics.json`, `timing.json` into out_dir.
+
+    `labels_dir` None trains on ground truth (upper bound). `seg.iterations`, when set, overrides
+    `seg.epochs`: training stops after that many steps, the poly schedule spanning them.
+    `stop_after_epoch` ends the run early as a kill would (for tests of resumption).
+    """
+    cfg, run = seg_config(params), params["run"]
+    device = resolve_device(run["device"])
+    set_determinism(device)
+    seed_everything(run["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = out_dir / "resume.pt"
+
+    train_set = VOCDataset(data_dir, cfg["train_split"])
+    data = SegmentationData(train_set, labels_dir, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
+                            cache=cfg.get("cache_images", True))
+    batch = cfg["batch_size"]
+    steps_per_epoch = len(data) // batch  # drop_last: BatchNorm in the head needs batches of two or more
+    if steps_per_epoch == 0 or batch < 2:
+        raise ValueError(f"seg.batch_size = {batch} must lie in 2..{len(data)} (the training images of split "
+                         f"{cfg['train_split']!r})")
+    iterations = cfg.get("iterations")
+    total_steps = int(iterations) if iterations else steps_per_epoch * cfg["epochs"]
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    num_classes = train_set.num_classes
+    model = build_segmenter(cfg, num_classes).to(device)
+    optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["head_lr_mult"]), cfg.get("optimizer", "sgd"),
+                                cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
+    use_amp = device.type == "cuda" and cfg["amp"]
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weights = class_balanced_weights(data.class_pixels) if cfg["class_balanced"] else None
+    weight_t = torch.from_numpy(weights).to(device) if weights is not None else None
+    meta = seg_meta(cfg, train_set.classes, data.source)
+    train_cfg = {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
+    fingerprint = config_fingerprint(train_cfg, run["seed"], params.get("data"), data.source,
+                                     data.class_pixels.tolist(), train_set.ids)
+
+    start_epoch, step, history = 0, 0, []
+    if resume_path.is_file():
+        try:
+            state = load_checkpoint(resume_path, map_location=device)
+            if state.get("fingerprint") == fingerprint:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                set_rng_state(state["rng"])
+                start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+                log.info("resuming from %s after epoch %d (step %d)", resume_path, start_epoch, step)
+            else:
+                log.info("ignoring %s: it was made with other settings or labels", resume_path)
+        except CheckpointError as exc:
+            log.warning("ignoring unusable resume checkpoint: %s", exc)
+
+    log.info("train_seg: %s/%s init=%s on %s, %d images, %d steps (%d epochs), device %s", cfg["backbone"],
+             cfg["head"], cfg["init"], data.source, len(data), total_steps, n_epochs, device)
+    live = _open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    model.train()
+    for epoch in range(start_epoch, n_epochs):
+        data.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
+        loader = DataLoader(data, batch_size=batch, shuffle=True, generator=generator, drop_last=True,
+                            num_workers=run["num_workers"], pin_memory=device.type == "cuda",
+                            persistent_workers=False)
+        loss_sum, correct, labelled, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"train_seg epoch {epoch + 1}/{n_epochs}", disable=not progress, leave=False)
+        for images, labels, _ in bar:
+            if step >= total_steps:
+                break
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, weight=weight_t, ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            n = images.shape[0]
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            valid = labels != IGNORE_INDEX
+            correct += int((logits.detach().argmax(1) == labels)[valid].sum())
+            labelled += int(valid.sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
+                  "pixel_acc": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
+                  "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        history.append(record)
+        log.info("epoch %d/%d: %s", epoch + 1, n_epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        if live is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    live.log_metric(f"train_seg/{key}", value)
+            live.next_step()
+        save_checkpoint(resume_path, {
+            "fingerprint": fingerprint, "epoch": epoch + 1, "step": step, "history": history, "meta": meta,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+        })
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < n_epochs:
+            log.info("stopping after epoch %d as asked", epoch + 1)
+            return {"stopped_after_epoch": epoch + 1}
+    if live is not None:
+        live.end()
+
+    # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
+    timed = ("seconds", "images_per_s")
+    metrics = {
+        "backbone": cfg["backbone"],
+        "head": cfg["head"],
+        "init": cfg["init"],
+        "labels": data.source,
+        "epochs": n_epochs,
+        "steps": step,
+        "train_images": len(data),
+        "class_pixels": dict(zip(train_set.classes, data.class_pixels.tolist(), strict=True)),
+        "class_weights": (dict(zip(train_set.classes, weights.tolist(), strict=True))
+                          if weights is not None else None),
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
+    }
+    timing = {
+        "device": str(device),
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
+        "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
+        "epoch_seconds": [h["seconds"] for h in history],
+        "total_seconds": float(sum(h["seconds"] for h in history)),
+    }
+    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "timing.json", timing)
+    resume_path.unlink(missing_ok=True)
+    return metrics

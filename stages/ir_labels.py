@@ -1,0 +1,29 @@
+"""Stage `ir_labels`: confident foreground / background / unsure labels from seeds through the CRF (IRN)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cpal.data.voc import VOCDataset
+from cpal.irn.labels import make_ir_labels
+from stages.common import parser, start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="dataset folder (params data.dir)")
+    p.add_argument("--seeds", required=True, help="folder of <id>.npz seed files from make_seeds")
+    p.add_argument("--out", required=True, help="folder of <id>.png IR labels (255 = unsure)")
+    p.add_argument("--workers", type=int, default=0, help="CRF processes (0: in this process)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    log, params = start(args, "ir_labels")
+    dataset = VOCDataset(args.data, params["seeds"]["split"])
+    make_ir_labels(dataset, Path(args.seeds), Path(args.out), params["irn"], args.workers, log,
+                   progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Stage `refine_crf`: dense-CRF label maps from the seeds (one palette PNG per id) and a timing JSON."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cpal.data.voc import VOCDataset
+from cpal.io import write_json
+from cpal.refine_crf import refine_with_crf
+from cpal.seed_io import resolve_map
+from stages.common import parser, start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="dataset folder (params data.dir)")
+    p.add_argument("--seeds", required=True, help="folder of seed .npz files")
+    p.add_argument("--out", required=True, help="folder of refined label PNGs (replaced as a whole)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (Snakemake threads)")
+    p.add_argument("--timing", required=True, help="JSON of seconds per image")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    log, params = start(args, "refine_crf")
+    dataset = VOCDataset(args.data, params["seeds"]["split"])
+    cfg = resolve_map(params["crf"], params["params"]["method"])
+    timing = refine_with_crf(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
+                             progress=not args.no_progress)
+    write_json(args.timing, timing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
