@@ -35,6 +35,7 @@ rule all:
         "results/dataset_samples.png",
         "results/eval_seeds.json",
         "results/eval_crf.json",
+        "results/eval_irn.json",
         "results/eval_pseudo.json",
         "results/eval_seg.json",
         "results/eval_seg_full.json",
@@ -341,3 +342,105 @@ rule eval_seg_full:
     shell:
         "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
         "--metrics {output.metrics} --log {log}"
+
+
+rule ir_labels:
+    input:
+        data=DATA,
+        seeds="outputs/seeds/maps",
+    output:
+        labels=directory("outputs/irn/ir_labels"),
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+    log:
+        "outputs/logs/ir_labels.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.ir_labels --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--out {output.labels} --workers {threads} --log {log}"
+
+
+rule train_irn:
+    input:
+        data=DATA,
+        labels="outputs/irn/ir_labels",
+        classifier="outputs/train_cls/model.pt",
+    output:
+        model="outputs/irn/model.pt",
+        metrics="outputs/irn/metrics.json",
+        timing="outputs/irn/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        data=config["data"],
+        train_cls=config["train_cls"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_irn.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_irn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
+        "--classifier {input.classifier} --out outputs/irn --log {log}"
+
+
+rule refine_irn:
+    input:
+        data=DATA,
+        seeds="outputs/seeds/maps",
+        model="outputs/irn/model.pt",
+    output:
+        maps=directory("outputs/irn/maps"),
+        timing="outputs/irn/refine_timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+        run=config["run"],
+    log:
+        "outputs/logs/refine_irn.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.refine_irn --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--irn {input.model} --out {output.maps} --timing {output.timing} --log {log}"
+
+
+rule eval_irn:
+    input:
+        data=DATA,
+        maps="outputs/irn/maps",
+    output:
+        metrics="results/eval_irn.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+    log:
+        "outputs/logs/eval_irn.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
+        "--label irn --metrics {output.metrics} --log {log}"

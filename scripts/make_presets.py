@@ -31,6 +31,8 @@ VOC12 = {
             "iterations": 20000, "batch_size": 10, "crop_size": 321, "scale_range": [0.5, 1.5], "lr": 2.5e-4,
             "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5.0e-4, "poly_power": 0.9, "cache_images": False,
             "train_split": "train_aug", "val_split": "val", "scales": [1.0, 0.75, 0.5], "flip": False},
+    "irn": {"fg_threshold": 0.30, "bg_threshold": 0.05, "backbone_from": "imagenet", "radius": 10, "crop": 512,
+            "batch_size": 32, "epochs": 3, "walk_radius": 5, "exp_times": 8, "sem_seg_bg_thres": 0.25},
     "run": {"device": "auto", "num_workers": 8},
 }
 COCO14 = {

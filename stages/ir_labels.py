@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cpal.data.voc import VOCDataset
 from cpal.irn.labels import make_ir_labels
+from cpal.seed_io import resolve_map
 from stages.common import parser, start
 
 
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log, params = start(args, "ir_labels")
     dataset = VOCDataset(args.data, params["seeds"]["split"])
-    make_ir_labels(dataset, Path(args.seeds), Path(args.out), params["irn"], args.workers, log,
+    cfg = resolve_map(params["irn"], params["params"]["method"])
+    make_ir_labels(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
                    progress=not args.no_progress)
     return 0
 

@@ -15,10 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages", "configs"]
 # Outputs that must not depend on the engine (timings and machine-stamped figures excluded).
-COMPARED = ["results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json",
-            "results/eval_crf.json", "results/eval_pseudo.json", "outputs/seg/metrics.json", "results/eval_seg.json",
-            "results/eval_seg_full.json"]
-STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "pseudo_labels", "eval_pseudo",
+COMPARED = [
+    "results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json",
+    "results/eval_crf.json", "results/eval_irn.json", "results/eval_pseudo.json", "outputs/seg/metrics.json",
+    "results/eval_seg.json", "results/eval_seg_full.json",
+]
+STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "ir_labels", "train_irn",
+          "refine_irn", "eval_irn", "pseudo_labels", "eval_pseudo",
           "train_seg", "eval_seg", "train_seg_full", "eval_seg_full"]
 
 pytestmark = pytest.mark.slow
@@ -77,7 +80,7 @@ def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
         assert (snakemake_run / "outputs" / "logs" / f"{log}.log").stat().st_size > 0
     metrics = json.loads((snakemake_run / "results" / "eval_seeds.json").read_text())
     assert 0 < metrics["cam"]["miou"] <= 1 and 0 < metrics["pacam"]["miou"] <= 1
-    for name in ("eval_crf", "eval_pseudo", "eval_seg", "eval_seg_full"):
+    for name in ("eval_crf", "eval_irn", "eval_pseudo", "eval_seg", "eval_seg_full"):
         result = json.loads((snakemake_run / "results" / f"{name}.json").read_text())
         assert 0 < result["miou"] <= 1, name
 

@@ -1,0 +1,139 @@
+"""Seeds refined by IRN's random walk into semantic label maps (stage `refine_irn`).
+
+Per image: the boundary map B from the trained network (stride 4, averaged with the flipped image's),
+the seed maps (CAM or PACAM of the image-label classes) averaged onto the same grid and optionally
+raised to `irn.power` (SIPE uses 1.5; IRN 1), the walk of maps x (1 - B) with affinities
+(1 - max B on the path) ** beta within `irn.walk_radius`, 2^exp_times steps; the result upsampled 4x
+(bilinear), divided by its maximum over all classes, a background plane at `irn.sem_seg_bg_thres`
+(IRN 0.25) put in front, argmax to class ids. The walk is sparse by default (see random_walk.py): a
+VOC-sized image never builds the 550 MB dense transition matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cpal.data.torch_data import to_tensor
+from cpal.data.voc import VOCDataset
+from cpal.io import save_label_png
+from cpal.irn import inputs_stamp, partial_folder, publish_folder
+from cpal.irn.labels import read_maps
+from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
+from cpal.irn.path_index import PathIndex
+from cpal.irn.random_walk import random_walk
+from cpal.seed_io import check_complete, resolve_map, seed_path
+from cpal.training import config_fingerprint, resolve_device
+
+REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk")
+
+
+def to_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Full-resolution maps (C, H, W) averaged over the 4x4 cells of the boundary grid (C, gh, gw)."""
+    out = F.avg_pool2d(maps[None].float(), STRIDE, STRIDE, ceil_mode=True)[0]
+    if out.shape[1:] != grid:
+        raise ValueError(f"maps of size {tuple(maps.shape[1:])} give a {tuple(out.shape[1:])} grid, "
+                         f"the boundary map is {grid}")
+    return out
+
+
+def labels_from_walk(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, int], bg_threshold: float
+                     ) -> np.ndarray:
+    """(H, W) uint8 class ids: upsample 4x, divide by the global max, background plane, argmax."""
+    up = F.interpolate(walked[None], scale_factor=STRIDE, mode="bilinear", align_corners=False)[0]
+    up = up[:, :size[0], :size[1]]
+    up = up / up.max().clamp_min(1e-5)
+    scores = torch.cat([up.new_full((1, *size), bg_threshold), up])
+    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64)]).astype(np.uint8)
+    return lut[scores.argmax(dim=0).cpu().numpy()]
+
+
+def refine_image(model: BoundaryNet, image: np.ndarray, maps: np.ndarray, keys: np.ndarray, cfg: dict[str, Any],
+                 index: PathIndex, device: torch.device) -> tuple[np.ndarray, dict[str, float]]:
+    """One image's label map and the seconds spent on the boundary map and on the walk."""
+    size = image.shape[:2]
+    if len(keys) == 0:
+        return np.zeros(size, dtype=np.uint8), {"boundary": 0.0, "walk": 0.0}
+    t0 = time.perf_counter()
+    boundary = model.boundary(to_tensor(image)[None].to(device), flip=cfg["flip"])[0]
+    _sync(device)
+    t1 = time.perf_counter()
+    grid = to_grid(torch.from_numpy(maps).to(device), grid_size(*size))
+    if boundary.shape != grid.shape[1:]:
+        raise ValueError(f"boundary grid {tuple(boundary.shape)} differs from the seed grid {tuple(grid.shape[1:])}")
+    grid = grid.clamp_min(0).pow(cfg["power"])
+    walked = random_walk(grid, boundary, index, cfg["beta"], cfg["exp_times"], cfg["walk"])
+    label = labels_from_walk(walked, keys, size, cfg["sem_seg_bg_thres"])
+    _sync(device)
+    t2 = time.perf_counter()
+    return label, {"boundary": t1 - t0, "walk": t2 - t1}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+@torch.no_grad()
+def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path: Path, out_dir: Path,
+               log: logging.Logger, progress: bool = True) -> dict[str, Any]:
+    """One palette PNG per seed id in `out_dir` (published only when complete); return timings."""
+    cfg = resolve_map(params["irn"], params["params"]["method"])
+    device = resolve_device(params["run"]["device"])
+    dataset = VOCDataset(data_dir, params["seeds"]["split"])
+    check_complete(seed_dir, dataset.ids)
+    model = load_boundary_net(irn_path, device)
+    index = PathIndex.of(cfg["walk_radius"])
+    fingerprint = config_fingerprint({k: cfg[k] for k in REFINE_KEYS}, dataset.ids,
+                                     inputs_stamp([irn_path] + [seed_path(seed_dir, i) for i in dataset.ids]))
+    partial = partial_folder(out_dir, fingerprint)
+    todo = [i for i in dataset.ids if not (partial / f"{i}.png").is_file()]
+    if len(todo) < len(dataset.ids):
+        log.info("continuing %s: %d of %d maps already written", partial, len(dataset.ids) - len(todo),
+                 len(dataset.ids))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[str, list[float]] = {"boundary": [], "walk": []}
+    t0 = time.perf_counter()
+    for image_id in tqdm(todo, desc="refine_irn", disable=not progress):
+        image = dataset.image(image_id)
+        maps, keys = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
+        label, spent = refine_image(model, image, maps, keys, cfg, index, device)
+        save_label_png(partial / f"{image_id}.png", label)
+        for key, value in spent.items():
+            times[key].append(value)
+    seconds = time.perf_counter() - t0
+    publish_folder(partial, out_dir)
+    n = max(len(todo), 1)
+    timing = {
+        "device": str(device),
+        "images": len(todo),
+        "seconds": seconds,
+        "seconds_per_image": seconds / n,
+        "boundary_seconds_per_image": float(np.mean(times["boundary"])) if todo else None,
+        "walk_seconds_per_image": float(np.mean(times["walk"])) if todo else None,
+        "walk_seconds_max": float(np.max(times["walk"])) if todo else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "torch_threads": torch.get_num_threads(),
+        "walk": cfg["walk"],
+    }
+    if device.type == "cuda":
+        timing["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    log.info("refine_irn: %d images in %.1f s (walk %.3f s/image), peak RSS %.0f MB", len(todo), seconds,
+             timing["walk_seconds_per_image"] or 0.0, timing["peak_rss_mb"])
+    return timing

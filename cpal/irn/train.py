@@ -1,0 +1,226 @@
+"""Training of IRN's boundary branch from inter-pixel relation labels (stage `train_irn`).
+
+The backbone is frozen (IRN): from the trained classifier (`irn.backbone_from: classifier`, the
+embedded default, where no ImageNet weights exist) or torchvision's ImageNet weights (`imagenet`, of
+the backbone named by train_cls.backbone). Each batch: random flip and crop (padding: image 0, label
+255), the IR label sampled on the stride-4 grid (cell i takes pixel 4i + 2), pairs within
+`irn.radius` labelled background-positive, foreground-positive or negative, and IRN's affinity loss
+
+    L = ( (L_bg_pos + L_fg_pos) / 2 + L_neg ) / 2,   L_pos = mean -log(a), L_neg = mean -log(1 - a),
+
+each mean over its own pairs (so the three kinds weigh the same however many pairs each has), with
+a = 1 - max boundary on the pair's path. SGD with momentum and weight decay passed by name, poly
+schedule. Resumable: a checkpoint after every epoch; a rerun with the same settings continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cpal.data.torch_data import to_tensor
+from cpal.data.voc import VOCDataset
+from cpal.io import load_label_png, write_json
+from cpal.irn import inputs_stamp
+from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
+from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
+from cpal.models.backbone import build_backbone
+from cpal.runtime import seed_everything
+from cpal.training import (
+    CheckpointError,
+    build_optimizer,
+    config_fingerprint,
+    load_checkpoint,
+    poly_lambda,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    set_determinism,
+    set_rng_state,
+)
+
+IGNORE = 255
+EPS = 1e-5
+TRAIN_KEYS = ("backbone_from", "radius", "crop", "batch_size", "epochs", "lr", "momentum", "weight_decay",
+              "poly_power")
+
+
+class AffinityData(Dataset):
+    """(image (3, crop, crop), label grid (crop/4, crop/4) long, index), seeded per (seed, epoch, index)."""
+
+    def __init__(self, dataset: VOCDataset, label_dir: Path, crop: int, seed: int) -> None:
+        if crop % STRIDE:
+            raise ValueError(f"irn.crop = {crop} must be a multiple of {STRIDE} (the boundary grid stride)")
+        missing = [i for i in dataset.ids if not (label_dir / f"{i}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{label_dir}: no IR label for {len(missing)} of {len(dataset)} images, "
+                                    f"e.g. {missing[:5]}; rerun ir_labels")
+        self.dataset, self.label_dir, self.crop, self.seed, self.epoch = dataset, label_dir, crop, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image_id = self.dataset.ids[index]
+        image = self.dataset.image(image_id)
+        path = self.label_dir / f"{image_id}.png"
+        label = load_label_png(path)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{path}: IR label {label.shape} differs from its image {image.shape[:2]}")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        x = to_tensor(image)
+        y = torch.from_numpy(label.astype(np.int64))
+        if rng.random() < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        c = self.crop
+        h, w = y.shape
+        out_x, out_y = x.new_zeros((3, c, c)), y.new_full((c, c), IGNORE)
+        top = int(rng.integers(0, h - c + 1)) if h > c else 0
+        left = int(rng.integers(0, w - c + 1)) if w > c else 0
+        dst_top = int(rng.integers(0, c - h + 1)) if h < c else 0
+        dst_left = int(rng.integers(0, c - w + 1)) if w < c else 0
+        ch, cw = min(c, h), min(c, w)
+        out_x[:, dst_top:dst_top + ch, dst_left:dst_left + cw] = x[:, top:top + ch, left:left + cw]
+        out_y[dst_top:dst_top + ch, dst_left:dst_left + cw] = y[top:top + ch, left:left + cw]
+        return out_x, out_y[STRIDE // 2::STRIDE, STRIDE // 2::STRIDE].contiguous(), index
+
+
+def affinity_loss(model: BoundaryNet, images: torch.Tensor, grid_labels: torch.Tensor,
+                  index: PathIndex) -> dict[str, torch.Tensor]:
+    """IRN's balanced affinity loss and its three terms for one batch (labels on the boundary grid)."""
+    logits = model(images)
+    if logits.shape[2:] != grid_labels.shape[1:]:
+        raise ValueError(f"label grid {tuple(grid_labels.shape[1:])} differs from the boundary grid "
+                         f"{tuple(logits.shape[2:])}")
+    aff = boundary_to_affinity(torch.sigmoid(logits[:, 0]), index)
+    masks = pair_labels(grid_labels, index, IGNORE)
+    pos = -torch.log(aff + EPS)
+    neg = -torch.log(1.0 + EPS - aff)
+    terms = {
+        "bg_pos": (masks["bg_pos"] * pos).sum() / (masks["bg_pos"].sum() + EPS),
+        "fg_pos": (masks["fg_pos"] * pos).sum() / (masks["fg_pos"].sum() + EPS),
+        "neg": (masks["neg"] * neg).sum() / (masks["neg"].sum() + EPS),
+    }
+    terms["loss"] = ((terms["bg_pos"] + terms["fg_pos"]) / 2 + terms["neg"]) / 2
+    return terms
+
+
+def build_boundary_net(params: dict[str, Any], classifier: Path | None) -> tuple[BoundaryNet, str]:
+    """The network to train and its backbone's name, per irn.backbone_from."""
+    source = params["irn"]["backbone_from"]
+    if source == "classifier":
+        if classifier is None:
+            raise ValueError("irn.backbone_from = 'classifier' needs the train_cls checkpoint (--classifier)")
+        backbone, name = classifier_backbone(classifier)
+    elif source == "imagenet":
+        name = params["train_cls"]["backbone"]
+        backbone = build_backbone(name, pretrained=True)
+    else:
+        raise ValueError(f"irn.backbone_from = {source!r} is not one of classifier | imagenet")
+    return BoundaryNet(backbone), name
+
+
+def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifier: Path | None, out_dir: Path,
+              log: logging.Logger, progress: bool = True, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train the boundary branch; write model.pt ({"meta", "model"}), metrics.json and timing.json."""
+    cfg, run = params["irn"], params["run"]
+    device = resolve_device(run["device"])
+    set_determinism(device)
+    seed_everything(run["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = out_dir / "resume.pt"
+
+    dataset = VOCDataset(data_dir, params["seeds"]["split"])
+    data = AffinityData(dataset, label_dir, cfg["crop"], run["seed"])
+    batch = cfg["batch_size"]
+    steps_per_epoch = len(data) // batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"irn.batch_size = {batch} exceeds the {len(data)} training images")
+    total_steps = steps_per_epoch * cfg["epochs"]
+    index = PathIndex.of(cfg["radius"])
+
+    model, backbone_name = build_boundary_net(params, classifier)
+    model = model.to(device)
+    optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
+                                cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
+    sources = [label_dir / f"{i}.png" for i in dataset.ids] + ([classifier] if classifier else [])
+    fingerprint = config_fingerprint({k: cfg[k] for k in TRAIN_KEYS}, run["seed"], dataset.ids,
+                                     inputs_stamp(sources), params["train_cls"]["backbone"])
+    meta = irn_meta(backbone_name, cfg["backbone_from"], cfg["radius"])
+
+    start_epoch, history = 0, []
+    if resume_path.is_file():
+        try:
+            state = load_checkpoint(resume_path, map_location=device)
+            if state.get("fingerprint") == fingerprint:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                set_rng_state(state["rng"])
+                start_epoch, history = state["epoch"], list(state["history"])
+                log.info("resuming from %s after epoch %d", resume_path, start_epoch)
+            else:
+                log.info("ignoring %s: it was made with other settings or inputs", resume_path)
+        except CheckpointError as exc:
+            log.warning("ignoring unusable resume checkpoint: %s", exc)
+
+    model.train()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        data.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
+        loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
+                            num_workers=run["num_workers"], pin_memory=device.type == "cuda")
+        sums = dict.fromkeys(("loss", "bg_pos", "fg_pos", "neg"), 0.0)
+        seen, t0 = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"train_irn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
+        for images, labels, _ in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            terms = affinity_loss(model, images, labels, index)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            n = images.shape[0]
+            seen += n
+            for key in sums:
+                sums[key] += float(terms[key].detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        seconds = time.perf_counter() - t0
+        record = {k: v / max(seen, 1) for k, v in sums.items()}
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds, lr=scheduler.get_last_lr()[0])
+        history.append(record)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        save_checkpoint(resume_path, {
+            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "meta": meta,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(),
+        })
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
+            log.info("stopping after epoch %d as asked", epoch + 1)
+            return {"stopped_after_epoch": epoch + 1}
+
+    timed = ("seconds", "images_per_s")
+    metrics = {"epochs": cfg["epochs"], "steps": total_steps, "final_loss": history[-1]["loss"] if history else None,
+               "history": [{k: v for k, v in h.items() if k not in timed} for h in history]}
+    timing = {"device": str(device),
+              "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
+              "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
+              "epoch_seconds": [h["seconds"] for h in history]}
+    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "timing.json", timing)
+    resume_path.unlink(missing_ok=True)
+    return metrics
+
