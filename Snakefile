@@ -33,12 +33,7 @@ ENV = "environment.yml"
 rule all:
     input:
         "results/dataset_samples.png",
-        "results/eval_seeds.json",
-        "results/eval_crf.json",
-        "results/eval_irn.json",
-        "results/eval_pseudo.json",
-        "results/eval_seg.json",
-        "results/eval_seg_full.json",
+        "results/report.md",
     default_target: True
 
 
@@ -444,3 +439,39 @@ rule eval_irn:
     shell:
         "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
         "--label irn --metrics {output.metrics} --log {log}"
+
+
+rule report:
+    input:
+        data=DATA,
+        seeds_eval="results/eval_seeds.json",
+        crf_eval="results/eval_crf.json",
+        irn_eval="results/eval_irn.json",
+        pseudo_eval="results/eval_pseudo.json",
+        seg_eval="results/eval_seg.json",
+        full_eval="results/eval_seg_full.json",
+        seeds="outputs/seeds/maps",
+        pseudo="outputs/pseudo/labels",
+        seg="outputs/seg/model.pt",
+    output:
+        md="results/report.md",
+        csv="results/report.csv",
+        bars="results/report_per_class.png",
+        grid="results/report_grid.png",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        seg=config["seg"],
+        run=config["run"],
+    log:
+        "outputs/logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.report --params {params.params_file} --data {input.data} --results results "
+        "--logs outputs/logs --seeds {input.seeds} --pseudo {input.pseudo} --seg {input.seg} --out {output.md} "
+        "--log {log}"

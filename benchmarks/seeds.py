@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cpal.config import load_params, merge, validate_params
 from cpal.data.voc import VOCDataset
@@ -132,16 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="outputs/benchmarks/seeds", help="scratch folder for models and seeds")
     p.add_argument("--out-md", default="results/seeds.md")
     p.add_argument("--out-csv", default="results/seeds_benchmark.csv")
+    p.add_argument("--fresh", action="store_true", help="ignore runs already in --out-csv")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("bench")
     base = load_params(args.params)
     if not Path(args.data).is_dir():
         raise SystemExit(f"{args.data}: dataset not found; run `snakemake --cores 2 {args.data}` first")
-    torch.set_num_threads(torch.get_num_threads())
-    rows = []
+    rows: list[dict] = []
+    if Path(args.out_csv).is_file() and not args.fresh:  # resume: keep (method, seed) runs already measured
+        rows = pd.read_csv(args.out_csv).to_dict("records")
+    done = {(r["method"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for method in args.methods:
+            if (method, seed) in done:
+                log.info("method %s, seed %d: already in %s", method, seed, args.out_csv)
+                continue
             params = validate_params(merge(base, {"params": {"method": method}, "run": {"seed": seed}}))
             log.info("method %s, seed %d", method, seed)
             rows += run_one(params, Path(args.data), Path(args.work), log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 from typing import Any
 
@@ -18,8 +19,13 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str, Any]]:
-    """Open the stage's log and load validated params; a bad params file exits with status 2."""
+    """Open the stage's log and load validated params; a bad params file exits with status 2.
+
+    The log's first and last lines ("started", "finished") time the stage for the report.
+    """
     log = setup_logging(args.log, name)
+    log.info("started")
+    atexit.register(log.info, "finished")
     try:
         return log, load_params(args.params)
     except ParamsError as exc:

@@ -22,7 +22,7 @@ COMPARED = [
 ]
 STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "ir_labels", "train_irn",
           "refine_irn", "eval_irn", "pseudo_labels", "eval_pseudo",
-          "train_seg", "eval_seg", "train_seg_full", "eval_seg_full"]
+          "train_seg", "eval_seg", "train_seg_full", "eval_seg_full", "report"]
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,8 @@ def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
-    for path in COMPARED + ["results/dataset_samples.png", "results/eval_seeds_curve.png",
+    for path in COMPARED + ["results/dataset_samples.png", "results/eval_seeds_curve.png", "results/report.md",
+                            "results/report.csv", "results/report_per_class.png", "results/report_grid.png",
                             "outputs/train_cls/model.pt", "outputs/seeds/timing.json"]:
         assert (snakemake_run / path).is_file(), path
     for log in STAGES:
