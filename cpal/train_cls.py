@@ -29,12 +29,13 @@ from cpal.training import (
     build_optimizer,
     config_fingerprint,
     load_checkpoint,
+    load_resume,
+    open_dvclive,
     poly_lambda,
     resolve_device,
-    rng_state,
     save_checkpoint,
+    save_resume,
     set_determinism,
-    set_rng_state,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -151,24 +152,11 @@ def train_classifier(
     meta = model_meta(params, train_set)
     fingerprint = config_fingerprint(params["params"], cfg, run["seed"], params["data"])
 
-    start_epoch, history = 0, []
-    if resume_path.is_file():
-        try:
-            state = load_checkpoint(resume_path, map_location=device)
-            if state.get("fingerprint") == fingerprint:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                set_rng_state(state["rng"])
-                start_epoch, history = state["epoch"], list(state["history"])
-                log.info("resuming from %s after epoch %d", resume_path, start_epoch)
-            else:
-                log.info("ignoring %s: it was made with other settings", resume_path)
-        except CheckpointError as exc:
-            log.warning("ignoring unusable resume checkpoint: %s", exc)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
-    live = _open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
         data.set_epoch(epoch)
@@ -207,11 +195,7 @@ def train_classifier(
                 if key != "epoch":
                     live.log_metric(f"train_cls/{key}", value)
             live.next_step()
-        save_checkpoint(resume_path, {
-            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "meta": meta,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-        })
+        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
             log.info("stopping after epoch %d as asked", epoch + 1)
             return {"stopped_after_epoch": epoch + 1}
@@ -238,12 +222,3 @@ def train_classifier(
     resume_path.unlink(missing_ok=True)
     return metrics
 
-
-def _open_dvclive(path: Path, resume: bool):
-    """Per-epoch metrics through dvclive, never creating a DVC experiment by itself."""
-    try:
-        from dvclive import Live
-    except ImportError:  # dvclive is a declared dependency; stay usable without it
-        return None
-    return Live(dir=str(path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None,
-                monitor_system=False)

@@ -108,3 +108,43 @@ def config_fingerprint(*parts: Any) -> str:
     """Hash of the settings a checkpoint was trained under: resume only into the same settings."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_resume(path: str | os.PathLike[str], fingerprint: str, stateful: dict[str, Any], **extra: Any) -> None:
+    """Per-epoch resume checkpoint: every stateful object's state_dict, the RNG states and `extra`."""
+    save_checkpoint(path, {"fingerprint": fingerprint, "rng": rng_state(),
+                           **{name: obj.state_dict() for name, obj in stateful.items()}, **extra})
+
+
+def load_resume(path: str | os.PathLike[str], fingerprint: str, stateful: dict[str, Any],
+                device: torch.device, log: Any) -> dict[str, Any] | None:
+    """Restore `stateful` objects and the RNG from a resume checkpoint made with the same settings.
+
+    Returns the checkpoint (for its epoch, history, ...) or None when there is none, it is unusable, or it
+    was made with other settings (then training starts over and says why).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, map_location=device)
+    except CheckpointError as exc:
+        log.warning("ignoring unusable resume checkpoint: %s", exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it was made with other settings or inputs", path)
+        return None
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
+def open_dvclive(path: str | os.PathLike[str], resume: bool):
+    """Per-epoch metrics through dvclive, never creating a DVC experiment or editing dvc.yaml by itself."""
+    try:
+        from dvclive import Live
+    except ImportError:  # dvclive is a declared dependency; stay usable without it
+        return None
+    return Live(dir=str(path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False)

@@ -25,9 +25,17 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
     """
     log = setup_logging(args.log, name)
     log.info("started")
-    atexit.register(log.info, "finished")
+    atexit.register(_finished, log)
     try:
         return log, load_params(args.params)
     except ParamsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None
+
+
+def _finished(log: logging.Logger) -> None:
+    """Last log line at interpreter exit; skips streams already closed (stages called in-process by tests)."""
+    for handler in list(log.handlers):
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            log.removeHandler(handler)
+    log.info("finished")

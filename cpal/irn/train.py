@@ -34,16 +34,14 @@ from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
 from cpal.models.backbone import build_backbone
 from cpal.runtime import seed_everything
 from cpal.training import (
-    CheckpointError,
     build_optimizer,
     config_fingerprint,
-    load_checkpoint,
+    load_resume,
     poly_lambda,
     resolve_device,
-    rng_state,
     save_checkpoint,
+    save_resume,
     set_determinism,
-    set_rng_state,
 )
 
 IGNORE = 255
@@ -159,21 +157,9 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
                                      inputs_stamp(sources), params["train_cls"]["backbone"])
     meta = irn_meta(backbone_name, cfg["backbone_from"], cfg["radius"])
 
-    start_epoch, history = 0, []
-    if resume_path.is_file():
-        try:
-            state = load_checkpoint(resume_path, map_location=device)
-            if state.get("fingerprint") == fingerprint:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                set_rng_state(state["rng"])
-                start_epoch, history = state["epoch"], list(state["history"])
-                log.info("resuming from %s after epoch %d", resume_path, start_epoch)
-            else:
-                log.info("ignoring %s: it was made with other settings or inputs", resume_path)
-        except CheckpointError as exc:
-            log.warning("ignoring unusable resume checkpoint: %s", exc)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -202,11 +188,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
         history.append(record)
         log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
                  ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        save_checkpoint(resume_path, {
-            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history, "meta": meta,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(),
-        })
+        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
             log.info("stopping after epoch %d as asked", epoch + 1)
             return {"stopped_after_epoch": epoch + 1}

@@ -24,18 +24,18 @@ from cpal.io import write_json
 from cpal.runtime import seed_everything
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
-from cpal.train_cls import _open_dvclive
 from cpal.training import (
     CheckpointError,
     build_optimizer,
     config_fingerprint,
     load_checkpoint,
+    load_resume,
+    open_dvclive,
     poly_lambda,
     resolve_device,
-    rng_state,
     save_checkpoint,
+    save_resume,
     set_determinism,
-    set_rng_state,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -134,26 +134,13 @@ def train_segmenter(
     fingerprint = config_fingerprint(train_cfg, run["seed"], params.get("data"), data.source,
                                      data.class_pixels.tolist(), train_set.ids)
 
-    start_epoch, step, history = 0, 0, []
-    if resume_path.is_file():
-        try:
-            state = load_checkpoint(resume_path, map_location=device)
-            if state.get("fingerprint") == fingerprint:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                scaler.load_state_dict(state["scaler"])
-                set_rng_state(state["rng"])
-                start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
-                log.info("resuming from %s after epoch %d (step %d)", resume_path, start_epoch, step)
-            else:
-                log.info("ignoring %s: it was made with other settings or labels", resume_path)
-        except CheckpointError as exc:
-            log.warning("ignoring unusable resume checkpoint: %s", exc)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    start_epoch, step, history = (state["epoch"], state["step"], list(state["history"])) if state else (0, 0, [])
 
     log.info("train_seg: %s/%s init=%s on %s, %d images, %d steps (%d epochs), device %s", cfg["backbone"],
              cfg["head"], cfg["init"], data.source, len(data), total_steps, n_epochs, device)
-    live = _open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
     model.train()
     for epoch in range(start_epoch, n_epochs):
         data.set_epoch(epoch)
@@ -195,11 +182,7 @@ def train_segmenter(
                 if key not in ("epoch", "step"):
                     live.log_metric(f"train_seg/{key}", value)
             live.next_step()
-        save_checkpoint(resume_path, {
-            "fingerprint": fingerprint, "epoch": epoch + 1, "step": step, "history": history, "meta": meta,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-        })
+        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, step=step, history=history, meta=meta)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < n_epochs:
             log.info("stopping after epoch %d as asked", epoch + 1)
             return {"stopped_after_epoch": epoch + 1}
