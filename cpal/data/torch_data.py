@@ -35,14 +35,25 @@ def random_scale_flip_crop(
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     if rng.random() < 0.5:
         image = image.flip(-1)
-    out = image.new_zeros((3, crop, crop))
-    top = int(rng.integers(0, nh - crop + 1)) if nh > crop else 0
-    left = int(rng.integers(0, nw - crop + 1)) if nw > crop else 0
-    dst_top = int(rng.integers(0, crop - nh + 1)) if nh < crop else 0
-    dst_left = int(rng.integers(0, crop - nw + 1)) if nw < crop else 0
-    ch, cw = min(crop, nh), min(crop, nw)
+    return random_crop_pad(image, rng, crop)[0]
+
+
+def random_crop_pad(image: torch.Tensor, rng: np.random.Generator, crop: int, label: torch.Tensor | None = None,
+                    ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A random crop x crop window; smaller sides are placed at a random offset on zeros (label: ignore)."""
+    h, w = image.shape[-2:]
+    top = int(rng.integers(0, h - crop + 1)) if h > crop else 0
+    left = int(rng.integers(0, w - crop + 1)) if w > crop else 0
+    dst_top = int(rng.integers(0, crop - h + 1)) if h < crop else 0
+    dst_left = int(rng.integers(0, crop - w + 1)) if w < crop else 0
+    ch, cw = min(crop, h), min(crop, w)
+    out = image.new_zeros((image.shape[0], crop, crop))
     out[:, dst_top:dst_top + ch, dst_left:dst_left + cw] = image[:, top:top + ch, left:left + cw]
-    return out
+    if label is None:
+        return out, None
+    out_label = label.new_full((crop, crop), ignore_index)
+    out_label[dst_top:dst_top + ch, dst_left:dst_left + cw] = label[top:top + ch, left:left + cw]
+    return out, out_label
 
 
 class ClassificationData(Dataset):

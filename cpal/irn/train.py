@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cpal.data.torch_data import to_tensor
+from cpal.data.torch_data import random_crop_pad, to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.io import load_label_png, write_json
 from cpal.irn import inputs_stamp
@@ -80,16 +80,7 @@ class AffinityData(Dataset):
         y = torch.from_numpy(label.astype(np.int64))
         if rng.random() < 0.5:
             x, y = x.flip(-1), y.flip(-1)
-        c = self.crop
-        h, w = y.shape
-        out_x, out_y = x.new_zeros((3, c, c)), y.new_full((c, c), IGNORE)
-        top = int(rng.integers(0, h - c + 1)) if h > c else 0
-        left = int(rng.integers(0, w - c + 1)) if w > c else 0
-        dst_top = int(rng.integers(0, c - h + 1)) if h < c else 0
-        dst_left = int(rng.integers(0, c - w + 1)) if w < c else 0
-        ch, cw = min(c, h), min(c, w)
-        out_x[:, dst_top:dst_top + ch, dst_left:dst_left + cw] = x[:, top:top + ch, left:left + cw]
-        out_y[dst_top:dst_top + ch, dst_left:dst_left + cw] = y[top:top + ch, left:left + cw]
+        out_x, out_y = random_crop_pad(x, rng, self.crop, y, IGNORE)
         return out_x, out_y[STRIDE // 2::STRIDE, STRIDE // 2::STRIDE].contiguous(), index
 
 
