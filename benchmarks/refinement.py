@@ -34,8 +34,9 @@ def run_method(method: str, work: Path, cores: int) -> Path:
         subprocess.run(["tar", "-x", "-C", str(ws)], input=archive, check=True)
         (ws / "override.yaml").write_text(f"params:\n  method: {method}\n")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--configfile", "override.yaml",
-                        *TARGETS], cwd=ws, check=True)
+        # targets before --configfile, which takes every following word as a config file
+        subprocess.run([sys.executable, "-m", "snakemake", *TARGETS, "--cores", str(cores),
+                        "--configfile", "override.yaml"], cwd=ws, check=True)
         print(f"{method}: {time.perf_counter() - t0:.0f} s", flush=True)
     return ws
 
