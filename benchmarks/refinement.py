@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Reproduce: `{command}`",
         "",
-        "| method | seeds map | seeds mIoU | +CRF | +IRN | CRF s / image | IRN walk s / image |",
+        "| method | seeds map | seeds mIoU | +CRF | +IRN | CRF s / image | IRN s / image (boundary + walk) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in df.itertuples():
