@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cpal.data.voc import IGNORE_INDEX, VOCDataset
-from cpal.io import load_label_png, save_label_png
+from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
+from cpal.io import save_label_png
 from cpal.metrics import ConfusionMatrix
 from cpal.refine_crf import staged_dir
 from cpal.seed_io import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
@@ -51,20 +51,10 @@ def pseudo_from_seeds(seeds: dict[str, np.ndarray], cfg: dict[str, Any], source:
 
 
 def _from_png(dataset: VOCDataset, folder: Path, image_id: str) -> np.ndarray:
-    path = folder / f"{image_id}.png"
     try:
-        label = load_label_png(path)
-    except FileNotFoundError:
-        raise PseudoLabelError(f"refined label map missing for image {image_id!r}: {path}") from None
-    size = dataset.image_size(image_id)
-    if label.shape != size:
-        raise PseudoLabelError(f"{path}: label map is {label.shape[1]}x{label.shape[0]} but image {image_id!r} "
-                               f"is {size[1]}x{size[0]}")
-    bad = (label >= dataset.num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise PseudoLabelError(f"{path}: value(s) {sorted(np.unique(label[bad]).tolist())} outside the class range "
-                               f"0..{dataset.num_classes - 1} (and {IGNORE_INDEX})")
-    return label
+        return dataset.label_map(folder / f"{image_id}.png", image_id)
+    except DatasetError as exc:
+        raise PseudoLabelError(str(exc)) from exc
 
 
 def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: Path, cfg: dict[str, Any],

@@ -110,25 +110,32 @@ class VOCDataset:
 
     def mask(self, image_id: str) -> np.ndarray:
         """Ground-truth class indices (H, W) uint8, 255 = ignore; checked against the image and classes."""
-        path = self.mask_path(image_id)
+        return self.label_map(self.mask_path(image_id), image_id)
+
+    def label_map(self, path: str | os.PathLike[str], image_id: str) -> np.ndarray:
+        """Any label PNG for `image_id` (ground truth, refined map, pseudo-mask), checked against its image
+        size and the class range; every error names the file and the id."""
+        path = Path(path)
         try:
-            mask = load_label_png(path)
-        except (FileNotFoundError, ValueError) as exc:
-            raise DatasetError(str(exc)) from exc
+            label = load_label_png(path)
+        except FileNotFoundError:
+            raise DatasetError(f"label map of {image_id!r} not found: {path}") from None
+        except ValueError as exc:
+            raise DatasetError(f"label map of {image_id!r}: {exc}") from exc
         size = self.image_size(image_id)
-        if mask.shape != size:
+        if label.shape != size:
             raise DatasetError(
-                f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
-                f"{self.image_path(image_id)} ({size[1]}x{size[0]})"
+                f"{path}: label map of {image_id!r} is {label.shape[1]}x{label.shape[0]}, which differs from its "
+                f"image {self.image_path(image_id)} ({size[1]}x{size[0]})"
             )
-        bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
+        bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
         if bad.any():
-            values = sorted(set(np.unique(mask[bad]).tolist()))
+            values = sorted(set(np.unique(label[bad]).tolist()))
             raise DatasetError(
-                f"{path}: label value(s) {values} outside the class range 0..{self.num_classes - 1} "
-                f"(and {IGNORE_INDEX} = ignore)"
+                f"{path}: label value(s) {values} of {image_id!r} outside the class range "
+                f"0..{self.num_classes - 1} (and {IGNORE_INDEX} = ignore)"
             )
-        return mask
+        return label
 
     @cached_property
     def _label_table(self) -> dict[str, list[int]] | None:

@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
-from cpal.io import load_label_png
 
 
 def _some(ids: list[str], n: int = 5) -> str:
@@ -117,24 +116,7 @@ class SegmentationData(Dataset):
         ds = self.dataset
         if self.labels_dir is None:
             return ds.mask(image_id)  # checks size and class range, naming the file
-        path = self.label_path(image_id)
-        try:
-            label = load_label_png(path)
-        except (FileNotFoundError, ValueError) as exc:
-            raise DatasetError(f"pseudo-mask of {image_id!r}: {exc}") from exc
-        size = ds.image_size(image_id)
-        if label.shape != size:
-            raise DatasetError(
-                f"{path}: pseudo-mask of {image_id!r} is {label.shape[1]}x{label.shape[0]} but its image "
-                f"{ds.image_path(image_id)} is {size[1]}x{size[0]}"
-            )
-        bad = (label >= ds.num_classes) & (label != IGNORE_INDEX)
-        if bad.any():
-            raise DatasetError(
-                f"{path}: pseudo-mask of {image_id!r} holds value(s) {sorted(np.unique(label[bad]).tolist())} "
-                f"outside 0..{ds.num_classes - 1} (and {IGNORE_INDEX} = ignore)"
-            )
-        return label
+        return ds.label_map(self.label_path(image_id), image_id)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
