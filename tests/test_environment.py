@@ -40,3 +40,22 @@ def test_torch_versions_agree() -> None:
         conda_pin = next(d for d in env["dependencies"] if _name(d) == conda_name).split("=")[-1]
         pypi_pin = next(d for d in project if _name(d) == pypi_name).split("==")[-1]
         assert conda_pin == pypi_pin
+
+
+def test_every_conda_dependency_is_pinned_within_pyproject_range() -> None:
+    """A conda pin `name=X.Y` means X.Y.*: its first release must satisfy pyproject's specifier."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = {_name(d): SpecifierSet(d[len(_name(d)):].strip()) for d in
+             project["dependencies"] + project["optional-dependencies"]["dev"]}
+    for dep in env["dependencies"]:
+        name = _name(dep)
+        assert re.fullmatch(r"[a-z0-9_-]+=[0-9][0-9a-z.]*", dep), f"environment.yml: {dep!r} is not pinned"
+        if name in CONDA_ONLY or name == "pydensecrf":  # conda-forge's pydensecrf is not PyPI's pydensecrf2
+            continue
+        version = Version(dep.split("=", 1)[1])
+        assert specs[CONDA_TO_PYPI.get(name, name)].contains(version, prereleases=True), (
+            f"environment.yml pins {dep} outside pyproject's {specs[CONDA_TO_PYPI.get(name, name)]}")
