@@ -49,6 +49,9 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)  # stages must import cpal from the workspace itself
+    for who in ("AUTHOR", "COMMITTER"):  # `dvc exp run` commits experiments
+        env.setdefault(f"GIT_{who}_NAME", "t")
+        env.setdefault(f"GIT_{who}_EMAIL", "t@t")
     return env
 
 
@@ -122,3 +125,19 @@ def test_snakemake_override_reaches_the_stages(snakemake_run: Path, tmp_path: Pa
     assert "K: 2" in written
     # only the stages that read the changed section rerun
     assert "rule train_cls" in res.stdout and "rule data:" not in res.stdout
+
+
+def test_dvc_experiment_then_compare(dvc_run: Path, tmp_path: Path) -> None:
+    """Last in this file: `dvc exp run` applies its results to the shared workspace."""
+    import pandas as pd
+
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-n", "k1", "-S", "params.K=1", "eval_seeds"], dvc_run)
+    out = tmp_path / "experiments"
+    _run([sys.executable, "-m", "cpal.compare", "--out", str(out)], dvc_run)
+    table = pd.read_csv(out.with_suffix(".csv"))
+    row = table[table["experiment"] == "k1"].iloc[0]
+    assert row["params.K"] == 1 and 0 < row["seeds_pacam"] <= 100
+    # eval_seg was not among the targets: its file is the workspace's from `dvc repro` with K=5, not K=1
+    assert pd.isna(row["deeplab"]) and "deeplab" in row["stale"]
+    assert "| k1 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,86 @@
+"""`cpal-compare` (or `python -m cpal.compare`): DVC experiments -> results/<name>.md, .csv and .png.
+
+    dvc exp run --queue -S params.K=1 ...; dvc queue start; (wait)
+    cpal-compare --out results/experiments
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from cpal.experiments import (
+    METRICS,
+    experiment_table,
+    git_lock_reader,
+    keep_notes,
+    plot_sweeps,
+    run_exp_show,
+    swept_params,
+    to_markdown,
+)
+from cpal.io import atomic_path, write_text
+from cpal.runtime import machine_description
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository (default: here)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="read this saved `dvc exp show --json` output instead of running dvc")
+    p.add_argument("--out", type=Path, default=Path("results/experiments"),
+                   help="output stem: writes STEM.md, STEM.csv and STEM.png")
+    p.add_argument("--only", default=None,
+                   help="keep experiments whose name starts with this prefix (and the baseline)")
+    p.add_argument("--no-baseline", action="store_true", help="leave the baseline commit out of the table")
+    p.add_argument("--title", default="DVC experiments")
+    p.add_argument("--machine", default=None,
+                   help="where the experiments ran (default: this machine, as compare assumes they ran here)")
+    p.add_argument("--command", default=None, help="the command(s) that ran the experiments, for the header")
+    args = p.parse_args(argv)
+
+    import json
+
+    exp_show = json.loads(args.json.read_text()) if args.json else run_exp_show(args.repo)
+    table = experiment_table(exp_show, git_lock_reader(args.repo))
+    if args.only:
+        table = table[table["experiment"].str.startswith(args.only) | table["baseline"]]
+    if args.no_baseline:
+        table = table[~table["baseline"]]
+    unfinished = table[~table["state"].isin(["baseline", "success"])]
+    for _, row in unfinished.iterrows():
+        print(f"note: {row['experiment']} is {row['state']}: left out", file=sys.stderr)
+    table = table[table["state"].isin(["baseline", "success"])]
+    if table.empty:
+        print("error: no experiment left to compare", file=sys.stderr)
+        return 1
+    swept = swept_params(table)
+    seeds = sorted({str(s) for s in table.get("run.seed", [])})
+    machine = args.machine or machine_description()
+    command = args.command or "dvc exp run ... (see the README)"
+    this = "cpal-compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    footer = f"{machine}; run.seed {', '.join(seeds)}; {this}"
+    header = "\n".join([
+        f"# {args.title}", "",
+        f"Machine: {machine}. Seeds: {len(seeds)} (run.seed = {', '.join(seeds)}), one run per row.",
+        f"Experiments: `{command}`.",
+        f"Table and plot: `{this}` (mIoU in percent; {', '.join(m.label for m in METRICS)} where measured).",
+        "A metric the experiment did not recompute (a stage outside its targets) is left empty and named under",
+        "`stale`.",
+        "", f"![sweep]({args.out.name}.png)" if swept else "",
+    ])
+    out_md, out_csv, out_png = (args.out.with_suffix(s) for s in (".md", ".csv", ".png"))
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    if swept:
+        plot_sweeps(table, swept, out_png, footer)
+    write_text(out_md, to_markdown(table, swept, header) + "\n" + keep_notes(out_md))
+    print(to_markdown(table, swept, f"{len(table)} rows -> {out_md}, {out_csv}" + (f", {out_png}" if swept else "")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""DVC experiments as a result table: `dvc exp show --json` -> one row per experiment, plot per swept param.
+
+A metric counts only where the experiment actually produced it. `dvc exp run ... eval_crf` (a target)
+leaves later result files (results/eval_seg.json, ...) as the baseline commit had them; reporting those
+against the experiment's params would be wrong. So a metric is kept only if the experiment's dvc.lock
+records the stage that writes the file with the same params the experiment ran with; otherwise it is
+left empty and named in the `stale` column.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    path: str
+    keys: tuple[str, ...]
+
+
+# Headline numbers of the pipeline, first to last stage (mIoU as stored: fractions).
+METRICS: tuple[Metric, ...] = (
+    Metric("seeds_cam", "results/eval_seeds.json", ("cam", "miou")),
+    Metric("seeds_pacam", "results/eval_seeds.json", ("pacam", "miou")),
+    Metric("crf", "results/eval_crf.json", ("miou",)),
+    Metric("irn", "results/eval_irn.json", ("miou",)),
+    Metric("pseudo", "results/eval_pseudo.json", ("miou",)),
+    Metric("deeplab", "results/eval_seg.json", ("miou",)),
+    Metric("deeplab_crf", "results/eval_seg.json", ("crf", "miou")),
+    Metric("upper_bound", "results/eval_seg_full.json", ("miou",)),
+)
+PARAMS_FILE = "params.yaml"
+
+
+def run_exp_show(repo: Path) -> list[dict[str, Any]]:
+    """`dvc exp show --json` of the repository (the baseline commit and all its experiments)."""
+    out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"`dvc exp show --json` failed in {repo}: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
+    """Reads dvc.lock as committed at a revision (None where the revision has none)."""
+
+    def read(rev: str) -> dict[str, Any] | None:
+        out = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
+        return yaml.safe_load(out.stdout) if out.returncode == 0 else None
+
+    return read
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def _dig(data: Any, keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return float(data) if isinstance(data, int | float) and not isinstance(data, bool) else None
+
+
+def _fresh(path: str, lock: dict[str, Any] | None, params: dict[str, Any]) -> bool:
+    """True if the lock names the stage that wrote `path`, recorded with these params."""
+    if lock is None:
+        return False
+    for stage in (lock.get("stages") or {}).values():
+        if any(out.get("path") == path for out in stage.get("outs") or []):
+            recorded = (stage.get("params") or {}).get(PARAMS_FILE) or {}
+            return all(params.get(section) == value for section, value in recorded.items())
+    return False
+
+
+def _rows(exp_show: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any], str]]:
+    """(name, rev, data, state) for the baseline commit(s) and every experiment with data.
+
+    state: "baseline", or the queue's state of the experiment ("success", "queued", "running",
+    "failed"; "success" for experiments run outside the queue).
+    """
+    rows = []
+    for commit in exp_show:
+        if commit.get("rev") == "workspace":
+            continue
+        if commit.get("data"):
+            rows.append((commit.get("name") or commit["rev"][:7], commit["rev"], commit["data"], "baseline"))
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state") or "success"
+            for rev in exp.get("revs") or []:
+                if rev.get("data") and not rev.get("error"):
+                    name = exp.get("name") or rev.get("name") or rev["rev"][:7]
+                    rows.append((name, rev["rev"], rev["data"], state))
+    return rows
+
+
+def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], dict[str, Any] | None],
+                     metrics: tuple[Metric, ...] = METRICS) -> pd.DataFrame:
+    """One row per experiment: changed params (against the first baseline), metrics in percent, stale list.
+
+    The baseline's own values are taken as committed when it has no dvc.lock (results/ kept in git).
+    """
+    rows = _rows(exp_show)
+    if not rows:
+        raise ValueError("`dvc exp show` lists no commit with params: is this a DVC repository with params.yaml?")
+    base_params = flatten(((rows[0][2].get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {})
+    records = []
+    for name, rev, data, state in rows:
+        is_base = state == "baseline"
+        params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
+        flat = flatten(params)
+        lock = read_lock(rev)
+        record: dict[str, Any] = {"experiment": name, "rev": rev[:7], "baseline": is_base, "state": state}
+        record["changed"] = ", ".join(f"{k}={flat.get(k)}" for k in sorted(flat) if flat.get(k) != base_params.get(k))
+        record.update({k: flat.get(k) for k in flat})
+        stale = []
+        for metric in metrics:
+            value = _dig(((data.get("metrics") or {}).get(metric.path) or {}).get("data"), metric.keys)
+            trusted = _fresh(metric.path, lock, params) or (is_base and lock is None)
+            if value is not None and (not trusted or state not in ("baseline", "success")):
+                stale.append(metric.label)
+                value = None
+            record[metric.label] = None if value is None else round(100 * value, 2)
+        record["stale"] = ", ".join(stale)
+        records.append(record)
+    table = pd.DataFrame.from_records(records)
+    table.attrs["baseline_params"] = base_params
+    return table
+
+
+def swept_params(table: pd.DataFrame) -> list[str]:
+    """Params that differ between rows, in params.yaml order."""
+    skip = {"experiment", "rev", "baseline", "state", "changed", "stale"} | {m.label for m in METRICS}
+    return [c for c in table.columns if c not in skip and table[c].astype(str).nunique() > 1]
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [m.label for m in METRICS if m.label in table and table[m.label].notna().any()]
+
+
+def to_markdown(table: pd.DataFrame, swept: list[str], header: str) -> str:
+    cols = ["experiment", "rev"] + swept + metric_columns(table) + (["stale"] if table["stale"].any() else [])
+    view = table[cols].copy()
+    lines = [header.rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in view.iterrows():
+        cells = []
+        for col in cols:
+            value = row[col]
+            cells.append("" if value is None or (isinstance(value, float) and pd.isna(value))
+                         else f"{value:.1f}" if isinstance(value, float) and col in metric_columns(table)
+                         else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweeps(table: pd.DataFrame, swept: list[str], out: Path, footer: str) -> None:
+    """One panel per swept param: each metric against the param's values (baseline included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = metric_columns(table)
+    if not swept or not metrics:
+        raise ValueError("nothing to plot: no param varies between the experiments or no metric was found")
+    base = table.attrs.get("baseline_params") or table.iloc[0].to_dict()
+    fig, axes = plt.subplots(1, len(swept), figsize=(4.2 * len(swept), 3.6), squeeze=False)
+    for ax, param in zip(axes[0], swept, strict=True):
+        others = [p for p in swept if p != param]
+        # rows that change only this param (others at the baseline value)
+        mask = pd.Series(True, index=table.index)
+        for p in others:
+            mask &= table[p].astype(str) == str(base[p])
+        sub = table[mask].copy()
+        values = sub[param].tolist()
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        order = sorted(range(len(values)), key=lambda i: values[i] if numeric else str(values[i]))
+        sub = sub.iloc[order]
+        x = list(range(len(sub)))
+        for metric in metrics:
+            ax.plot(x, sub[metric].tolist(), marker="o", label=metric)
+        ax.set_xticks(x, [str(v) for v in sub[param]])
+        ax.set_xlabel(param)
+        ax.set_ylabel("mIoU (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from cpal.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+NOTES_MARKER = "<!-- notes: kept when this file is regenerated -->"
+
+
+def keep_notes(old: Path) -> str:
+    """The hand-written part of an existing report (after NOTES_MARKER), so a rerun loses nothing."""
+    if not old.exists():
+        return NOTES_MARKER + "\n"
+    text = old.read_text()
+    return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else NOTES_MARKER + "\n"
