@@ -55,3 +55,39 @@ def machine_description() -> str:
         pass
     parts.append(f"Python {platform.python_version()}")
     return ", ".join(parts)
+
+
+def process_start_epoch() -> float | None:
+    """When this process was created (seconds since the epoch; Linux /proc), so timings include imports."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory so far of this process (or of its largest waited-for child); Linux reports
+    KiB, macOS bytes."""
+    import resource
+
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    peak = resource.getrusage(who).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def process_cost() -> str:
+    """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<self> children_peak_rss_mib=<workers>`.
+
+    Peak RSS of the process and of its largest waited-for child (pool workers, data loaders).
+    """
+    import time
+
+    end = time.time()
+    start = process_start_epoch()
+    self_mib, child_mib = peak_rss_mib(), peak_rss_mib(children=True)
+    span = f"start={start:.3f} end={end:.3f} wall_s={end - start:.3f} " if start is not None else ""
+    return f"{span}peak_rss_mib={self_mib:.0f} children_peak_rss_mib={child_mib:.0f}"

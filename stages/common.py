@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from cpal.config import ParamsError, load_params
-from cpal.runtime import setup_logging
+from cpal.runtime import process_cost, setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -34,8 +34,11 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
 
 
 def _finished(log: logging.Logger) -> None:
-    """Last log line at interpreter exit; skips streams already closed (stages called in-process by tests)."""
+    """Last log line at interpreter exit, with the process's own cost (benchmarks/suite.py reads it).
+
+    Skips streams already closed (stages called in-process by tests).
+    """
     for handler in list(log.handlers):
         if getattr(getattr(handler, "stream", None), "closed", False):
             log.removeHandler(handler)
-    log.info("finished")
+    log.info("finished %s", process_cost())

@@ -12,8 +12,6 @@ VOC-sized image never builds the 550 MB dense transition matrix.
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
+from cpal.runtime import peak_rss_mib
 from cpal.seed_io import check_complete, resolve_map, seed_path
 from cpal.training import config_fingerprint, resolve_device
 
@@ -83,12 +82,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 @torch.no_grad()
 def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path: Path, out_dir: Path,
                log: logging.Logger, progress: bool = True) -> dict[str, Any]:
@@ -128,7 +121,7 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         "boundary_seconds_per_image": float(np.mean(times["boundary"])) if todo else None,
         "walk_seconds_per_image": float(np.mean(times["walk"])) if todo else None,
         "walk_seconds_max": float(np.max(times["walk"])) if todo else None,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "walk": cfg["walk"],
     }

@@ -1,0 +1,401 @@
+"""Performance suite: results/benchmarks.md (and .json), every figure measured side by side in one run.
+
+Not a test. Runs the embedded default end to end with Snakemake in a fresh copy of the committed tree
+(`git archive HEAD`) `--e2e-runs` times, then measures the parts on that run's artifacts, each
+`--repeats` times (medians quoted):
+
+- train_cls images/s (the real training loop, one epoch per repeat) and its FLOP/s (FLOPs of one
+  training step counted by torch's FlopCounterMode, x images/s) against a dense float32
+  matrix-multiply FLOP/s measured in the same run;
+- make_seeds images/s, batched (the stage) against a naive per-image, per-scale, per-flip loop, with
+  the largest difference between their maps;
+- CRF images/s with 1 and 2 workers; IRN random walk seconds per image; evaluation throughput;
+- per stage: wall time (process start to exit, imports included) and peak RSS, from the stage logs;
+- orchestration overhead: the Snakemake wall time not covered by any stage process.
+
+    python benchmarks/suite.py                      # about 45 min on 2 CPU cores
+    python benchmarks/suite.py --e2e-runs 1 --repeats 3 --work /tmp/cpal-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cpal.io import write_json, write_text
+from cpal.runtime import machine_description
+
+ROOT = Path(__file__).resolve().parents[1]
+FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+) "
+                      r"children_peak_rss_mib=(\d+)")
+LOG = logging.getLogger("benchmarks")
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+
+
+def fresh_copy(dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for stale in ("results", "outputs", "data"):  # the archive holds the committed results/
+        shutil.rmtree(dest / stale, ignore_errors=True)
+    return dest
+
+
+def stage_costs(logs: Path) -> dict[str, dict[str, float]]:
+    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the process and of its children."""
+    costs = {}
+    for log in sorted(logs.glob("*.log")):
+        matches = list(FINISHED.finditer(log.read_text()))  # the last run's line
+        if matches:
+            match = matches[-1]
+            start, end, wall, rss, child = (float(g) for g in match.groups())
+            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss,
+                               "children_peak_rss_mib": child}
+    return costs
+
+
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals (stages may run in parallel)."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
+
+
+def run_e2e(ws: Path, cores: int) -> dict[str, Any]:
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--quiet", "all"], cwd=ws, check=True)
+    t1 = time.time()
+    costs = stage_costs(ws / "outputs" / "logs")
+    covered = covered_seconds([(c["start"], c["end"]) for c in costs.values()])
+    stage_sum = sum(c["wall_s"] for c in costs.values())
+    return {"wall_s": t1 - t0, "stages": costs, "stage_sum_s": stage_sum, "covered_s": covered,
+            "overhead_s": (t1 - t0) - covered, "overhead_fraction": ((t1 - t0) - covered) / (t1 - t0),
+            "wall_over_stage_sum": (t1 - t0) / stage_sum if stage_sum else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parts
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_flops(repeats: int, n: int = 2048) -> dict[str, Any]:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    times = timed(lambda: torch.mm(a, b), max(repeats, 5))
+    return {"n": n, "seconds": times, "flops_per_s": 2 * n ** 3 / statistics.median(times)}
+
+
+def training_flops_per_image(params: dict[str, Any], data_dir: Path) -> float:
+    """FLOPs (forward + backward) of one training step per image, with the real model and batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cpal.data.voc import VOCDataset
+    from cpal.train_cls import build_model
+
+    cfg = params["train_cls"]
+    dataset = VOCDataset(data_dir, cfg["train_split"])
+    model = build_model(params, dataset.num_classes - 1)
+    model.train()
+    batch = cfg["batch_size"]
+    images = torch.randn(batch, 3, cfg["crop_size"], cfg["crop_size"])
+    labels = torch.zeros(batch, dataset.num_classes - 1)
+    labels[torch.arange(batch), torch.arange(batch) % (dataset.num_classes - 1)] = 1
+    model(images, labels)  # fill the bank a little so the CPAL branch does its retrieval
+    with FlopCounterMode(display=False) as counter:
+        out = model(images, labels)
+        out["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
+def train_images_per_s(params: dict[str, Any], data_dir: Path, work: Path, epochs: int) -> list[float]:
+    """Images/s of each epoch of the real training loop (data loading and the optimizer included)."""
+    from cpal.data.voc import VOCDataset
+    from cpal.train_cls import train_classifier
+
+    p = json.loads(json.dumps(params))
+    p["train_cls"]["epochs"] = epochs
+    out = work / "bench_train"
+    shutil.rmtree(out, ignore_errors=True)
+    train_classifier(p, data_dir, out, LOG, progress=False)
+    seconds = json.loads((out / "timing.json").read_text())["epoch_seconds"]
+    batch = p["train_cls"]["batch_size"]
+    images = len(VOCDataset(data_dir, p["train_cls"]["train_split"])) // batch * batch
+    return [images / s for s in seconds]
+
+
+def subset_split(data_dir: Path, split: str, n: int, name: str) -> str:
+    ids = (data_dir / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()[:n]
+    (data_dir / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    return name
+
+
+@torch.no_grad()
+def naive_seeds(model, dataset, cfg: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """The loop a first implementation writes: one image, one scale, one flip at a time."""
+    import torch.nn.functional as F
+
+    from cpal.data.torch_data import to_tensor
+
+    out = {}
+    for image_id in dataset.ids:
+        image = to_tensor(dataset.image(image_id))[None]
+        labels = torch.from_numpy(dataset.multi_hot(image_id))[None]
+        keys = dataset.labels(image_id)
+        size = image.shape[2:]
+        sums: dict[str, torch.Tensor] = {}
+        for scale in cfg["scales"]:
+            x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear",
+                                                         align_corners=False, recompute_scale_factor=False)
+            for flip in ([False, True] if cfg["flip"] else [False]):
+                view = x.flip(-1) if flip else x
+                cam, pacam = model.infer(view, labels)
+                maps = {"cam": cam} if pacam is None else {"cam": cam, "pacam": pacam[:, 1:]}
+                for kind, m in maps.items():
+                    m = F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
+                    m = m.flip(-1) if flip else m
+                    sums[kind] = m if kind not in sums else sums[kind] + m
+        result = {}
+        for kind, m in sums.items():
+            sel = m[0][torch.as_tensor(keys - 1, dtype=torch.long)]
+            peak = sel.flatten(1).amax(dim=1).clamp_min(1e-5)[:, None, None]
+            result[kind] = (sel / peak).clamp(0, 1).numpy()
+        out[image_id] = result
+    return out
+
+
+def seeds_batched_vs_naive(params: dict[str, Any], ws: Path, n: int, repeats: int) -> dict[str, Any]:
+    from cpal.data.voc import VOCDataset
+    from cpal.seed_io import load_seeds, seed_path
+    from cpal.seeds import make_seeds
+    from cpal.train_cls import load_trained_model
+
+    data_dir = ws / params["data"]["dir"]
+    split = subset_split(data_dir, params["seeds"]["split"], n, "bench_seeds")
+    dataset = VOCDataset(data_dir, split)
+    model = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
+    out = ws / "outputs" / "bench_seeds"
+    batched = timed(lambda: make_seeds(model, dataset, out, params["seeds"], torch.device("cpu"), LOG,
+                                       progress=False), repeats)
+    naive_maps: dict = {}
+    naive = timed(lambda: naive_maps.update(naive_seeds(model, dataset, params["seeds"])), repeats)
+    diff = 0.0
+    for image_id, maps in naive_maps.items():
+        stored = load_seeds(seed_path(out, image_id))
+        for kind, m in maps.items():  # stored as float16: compare at that precision
+            diff = max(diff, float(np.abs(stored[kind].astype(np.float32) - m.astype(np.float16)).max()))
+    b, v = statistics.median(batched), statistics.median(naive)
+    return {"images": n, "batched_s": batched, "naive_s": naive, "batched_images_per_s": n / b,
+            "naive_images_per_s": n / v, "speedup": v / b, "max_abs_diff": diff,
+            "batch_size": params["seeds"]["batch_size"]}
+
+
+def crf_workers(params: dict[str, Any], ws: Path, repeats: int) -> dict[str, Any]:
+    from cpal.data.voc import VOCDataset
+    from cpal.refine_crf import refine_with_crf
+    from cpal.seed_io import resolve_map
+
+    data_dir = ws / params["data"]["dir"]
+    dataset = VOCDataset(data_dir, params["seeds"]["split"])
+    cfg = resolve_map(params["crf"], params["params"]["method"])
+    result = {"images": len(dataset)}
+    for workers in (1, 2):
+        out = ws / "outputs" / f"bench_crf_{workers}"
+        times = [refine_with_crf(dataset, ws / "outputs" / "seeds" / "maps", out, cfg, workers, LOG,
+                                 progress=False)["wall_seconds"] for _ in range(repeats)]
+        result[f"workers_{workers}_s"] = times
+        result[f"workers_{workers}_images_per_s"] = len(dataset) / statistics.median(times)
+    result["speedup_2_over_1"] = result["workers_2_images_per_s"] / result["workers_1_images_per_s"]
+    return result
+
+
+def random_walk(params: dict[str, Any], ws: Path, n: int, repeats: int) -> dict[str, Any]:
+    from cpal.irn.refine import refine_irn
+
+    p = json.loads(json.dumps(params))
+    data_dir = ws / params["data"]["dir"]
+    p["seeds"]["split"] = subset_split(data_dir, params["seeds"]["split"], n, "bench_irn")
+    walks, totals = [], []
+    for r in range(repeats):
+        timing = refine_irn(p, data_dir, ws / "outputs" / "seeds" / "maps", ws / "outputs" / "irn" / "model.pt",
+                            ws / "outputs" / f"bench_irn_{r}", LOG, progress=False)
+        walks.append(timing["walk_seconds_per_image"])
+        totals.append(timing["seconds_per_image"])
+    return {"images": n, "walk_s_per_image": walks, "total_s_per_image": totals,
+            "walk_s_per_image_median": statistics.median(walks)}
+
+
+def evaluation(params: dict[str, Any], ws: Path, repeats: int) -> dict[str, Any]:
+    from cpal.data.voc import VOCDataset
+    from cpal.pseudo import evaluate_pseudo_labels
+    from cpal.seed_eval import evaluate_seeds, thresholds_from
+
+    data_dir = ws / params["data"]["dir"]
+    dataset = VOCDataset(data_dir, params["seeds"]["split"])
+    thresholds = thresholds_from(params["seeds"])
+    seeds = timed(lambda: evaluate_seeds(dataset, ws / "outputs" / "seeds" / "maps", thresholds, LOG,
+                                         progress=False), repeats)
+    masks = timed(lambda: evaluate_pseudo_labels(dataset, ws / "outputs" / "crf" / "maps"), repeats)
+    return {"images": len(dataset), "thresholds": len(thresholds),
+            "seed_eval_images_per_s": len(dataset) / statistics.median(seeds),
+            "mask_eval_images_per_s": len(dataset) / statistics.median(masks),
+            "seed_eval_s": seeds, "mask_eval_s": masks}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def med(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def markdown(r: dict[str, Any]) -> str:
+    e2e, parts = r["e2e"], r["parts"]
+    walls = [run["wall_s"] for run in e2e]
+    overhead = [run["overhead_fraction"] for run in e2e]
+    train, mm = parts["train"], parts["matmul"]
+    seeds, crf, walk, ev = parts["seeds"], parts["crf"], parts["walk"], parts["eval"]
+    goals = [
+        ("make_seeds batched vs naive loop", f"{seeds['speedup']:.2f}x (max map difference "
+         f"{seeds['max_abs_diff']:.1e})", ">= 2x at equal output", seeds["speedup"] >= 2),
+        ("training FLOP/s / matmul FLOP/s", f"{train['fraction_of_matmul']:.2f}", ">= 0.5",
+         train["fraction_of_matmul"] >= 0.5),
+        ("orchestration overhead", f"{100 * med(overhead):.1f}%", "<= 5%", med(overhead) <= 0.05),
+    ]
+    lines = [
+        "# Performance benchmarks", "",
+        f"Machine: {r['machine']}. torch threads: {r['torch_threads']}.",
+        f"Command: `{r['command']}` ({r['date']}; {len(e2e)} end-to-end run(s), {r['repeats']} repeats of each"
+        " part; medians quoted, every sample in benchmarks.json).", "",
+        "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|",
+    ]
+    lines += [f"| {g} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
+    lines += [
+        "", "## Parts", "", "| what | median | samples |", "|---|---|---|",
+    ]
+    tc = r["params"]["train_cls"]
+    rows = [
+        (f"train_cls images/s (embedded default, batch {tc['batch_size']}, {tc['crop_size']} px)",
+         train["images_per_s"], ".1f", 1),
+        ("training FLOPs per image, G (forward + backward, FlopCounterMode)", [train["flops_per_image"]], ".2f", 1e-9),
+        ("training FLOP/s, G (FLOPs per image x median images/s)", [train["flops_per_s"]], ".1f", 1e-9),
+        (f"dense matmul FLOP/s, G (float32, {mm['n']}x{mm['n']})",
+         [2 * mm["n"] ** 3 / t for t in mm["seconds"]], ".1f", 1e-9),
+        (f"make_seeds images/s, batched (batch {seeds['batch_size']}, {seeds['images']} images)",
+         [seeds["images"] / t for t in seeds["batched_s"]], ".2f", 1),
+        ("make_seeds images/s, naive per-image, per-scale, per-flip loop",
+         [seeds["images"] / t for t in seeds["naive_s"]], ".2f", 1),
+        (f"CRF images/s, 1 worker ({crf['images']} images)", [crf["images"] / t for t in crf["workers_1_s"]], ".1f", 1),
+        ("CRF images/s, 2 workers", [crf["images"] / t for t in crf["workers_2_s"]], ".1f", 1),
+        (f"IRN random walk s/image ({walk['images']} images)", walk["walk_s_per_image"], ".4f", 1),
+        (f"seed evaluation images/s ({ev['thresholds']} thresholds, CAM and PACAM)",
+         [ev["images"] / t for t in ev["seed_eval_s"]], ".1f", 1),
+        ("pseudo-mask evaluation images/s", [ev["images"] / t for t in ev["mask_eval_s"]], ".1f", 1),
+        (f"end-to-end `snakemake --cores {r['cores']}` from an empty workspace, s", walls, ".0f", 1),
+        ("orchestration overhead, % (wall time no stage process covers)", overhead, ".1f", 100),
+    ]
+    for what, values, spec, scale in rows:
+        samples = ", ".join(format(v * scale, spec) for v in values) if len(values) > 1 else ""
+        lines.append(f"| {what} | {format(med(values) * scale, spec)} | {samples} |")
+    lines += [
+        "", "## Stages (last end-to-end run)", "",
+        "Wall time from process start to exit (interpreter start and imports included); peak RSS of the"
+        " stage process and of its largest child (CRF workers, data loaders).", "",
+        "| stage | wall s | peak RSS MiB | children peak RSS MiB |", "|---|---|---|---|",
+    ]
+    last = e2e[-1]
+    for name, c in sorted(last["stages"].items(), key=lambda kv: kv[1]["start"]):
+        lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {c['children_peak_rss_mib']:.0f} |")
+    lines += [
+        f"| sum of stages | {last['stage_sum_s']:.1f} | | |",
+        f"| time covered by at least one stage | {last['covered_s']:.1f} | | |",
+        f"| snakemake wall time | {last['wall_s']:.1f} | | |", "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cpal-bench"), help="scratch folder")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks.md")
+    ap.add_argument("--e2e-runs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--seed-images", type=int, default=96, help="images for the batched vs naive seed timing")
+    ap.add_argument("--walk-images", type=int, default=100)
+    ap.add_argument("--params-override", type=Path, default=None,
+                    help="a YAML merged over params.yaml in the copy (e.g. configs/tiny.yaml to try the suite)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from cpal.config import load_params
+
+    ws = fresh_copy(args.work / "ws")
+    if args.params_override:
+        shutil.copy2(args.params_override, ws / "params.yaml")
+    e2e = []
+    for run in range(args.e2e_runs):
+        for stale in ("results", "outputs", "data", ".snakemake"):
+            shutil.rmtree(ws / stale, ignore_errors=True)
+        e2e.append(run_e2e(ws, args.cores))
+        LOG.info("end-to-end run %d: %.0f s, overhead %.1f%%", run + 1, e2e[-1]["wall_s"],
+                 100 * e2e[-1]["overhead_fraction"])
+    params = load_params(ws / "params.yaml")
+    data_dir = ws / params["data"]["dir"]
+    torch.manual_seed(0)
+    parts: dict[str, Any] = {"matmul": matmul_flops(args.repeats)}
+    flops = training_flops_per_image(params, data_dir)
+    ips = train_images_per_s(params, data_dir, args.work, args.repeats)
+    parts["train"] = {"images_per_s": ips, "flops_per_image": flops, "flops_per_s": flops * med(ips),
+                      "fraction_of_matmul": flops * med(ips) / parts["matmul"]["flops_per_s"]}
+    parts["seeds"] = seeds_batched_vs_naive(params, ws, args.seed_images, args.repeats)
+    parts["crf"] = crf_workers(params, ws, args.repeats)
+    parts["walk"] = random_walk(params, ws, args.walk_images, args.repeats)
+    parts["eval"] = evaluation(params, ws, args.repeats)
+    result = {
+        "machine": machine_description(), "torch_threads": torch.get_num_threads(),
+        "command": "python benchmarks/suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "cores": args.cores,
+        "params": {k: params[k] for k in ("train_cls", "seeds")}, "e2e": e2e, "parts": parts,
+    }
+    write_json(args.out.with_suffix(".json"), result)
+    write_text(args.out, markdown(result))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
