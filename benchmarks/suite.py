@@ -39,8 +39,7 @@ from cpal.io import write_json, write_text
 from cpal.runtime import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
-FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+) "
-                      r"children_peak_rss_mib=(\d+)")
+FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)")
 LOG = logging.getLogger("benchmarks")
 
 
@@ -60,15 +59,14 @@ def fresh_copy(dest: Path) -> Path:
 
 
 def stage_costs(logs: Path) -> dict[str, dict[str, float]]:
-    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the process and of its children."""
+    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the stage process."""
     costs = {}
     for log in sorted(logs.glob("*.log")):
         matches = list(FINISHED.finditer(log.read_text()))  # the last run's line
         if matches:
             match = matches[-1]
-            start, end, wall, rss, child = (float(g) for g in match.groups())
-            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss,
-                               "children_peak_rss_mib": child}
+            start, end, wall, rss = (float(g) for g in match.groups())
+            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss}
     return costs
 
 
@@ -182,7 +180,7 @@ def naive_seeds(model, dataset, cfg: dict[str, Any]) -> dict[str, dict[str, np.n
                                                          align_corners=False, recompute_scale_factor=False)
             for flip in ([False, True] if cfg["flip"] else [False]):
                 view = x.flip(-1) if flip else x
-                cam, pacam = model.infer(view, labels)
+                cam, pacam = model.infer(view, labels, align=False)  # as make_seeds (cpal/seeds.py)
                 maps = {"cam": cam} if pacam is None else {"cam": cam, "pacam": pacam[:, 1:]}
                 for kind, m in maps.items():
                     m = F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
@@ -334,16 +332,16 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
         "", "## Stages (last end-to-end run)", "",
         "Wall time from process start to exit (interpreter start and imports included); peak RSS of the"
-        " stage process and of its largest child (CRF workers, data loaders).", "",
-        "| stage | wall s | peak RSS MiB | children peak RSS MiB |", "|---|---|---|---|",
+        " stage process (CRF pool workers not included).", "",
+        "| stage | wall s | peak RSS MiB |", "|---|---|---|",
     ]
     last = e2e[-1]
     for name, c in sorted(last["stages"].items(), key=lambda kv: kv[1]["start"]):
-        lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} | {c['children_peak_rss_mib']:.0f} |")
+        lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} |")
     lines += [
-        f"| sum of stages | {last['stage_sum_s']:.1f} | | |",
-        f"| time covered by at least one stage | {last['covered_s']:.1f} | | |",
-        f"| snakemake wall time | {last['wall_s']:.1f} | | |", "",
+        f"| sum of stages | {last['stage_sum_s']:.1f} | |",
+        f"| time covered by at least one stage | {last['covered_s']:.1f} | |",
+        f"| snakemake wall time | {last['wall_s']:.1f} | |", "",
     ]
     return "\n".join(lines) + "\n"
 

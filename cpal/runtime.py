@@ -69,25 +69,23 @@ def process_start_epoch() -> float | None:
         return None
 
 
-def peak_rss_mib(children: bool = False) -> float:
-    """Peak resident memory so far of this process (or of its largest waited-for child); Linux reports
-    KiB, macOS bytes."""
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     import resource
 
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    peak = resource.getrusage(who).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def process_cost() -> str:
-    """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<self> children_peak_rss_mib=<workers>`.
+    """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<this process>`.
 
-    Peak RSS of the process and of its largest waited-for child (pool workers, data loaders).
+    Children (pool workers) are not counted: a forked child reports its parent's RSS at fork time as
+    its own peak, so RUSAGE_CHILDREN would mostly measure the parent again.
     """
     import time
 
     end = time.time()
     start = process_start_epoch()
-    self_mib, child_mib = peak_rss_mib(), peak_rss_mib(children=True)
     span = f"start={start:.3f} end={end:.3f} wall_s={end - start:.3f} " if start is not None else ""
-    return f"{span}peak_rss_mib={self_mib:.0f} children_peak_rss_mib={child_mib:.0f}"
+    return f"{span}peak_rss_mib={peak_rss_mib():.0f}"

@@ -1,0 +1,70 @@
+"""The performance suite's own logic: the stage-log format it parses, overlap accounting, the naive loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "benchmarks" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_covered_seconds_merges_overlaps(suite) -> None:
+    assert suite.covered_seconds([]) == 0
+    assert suite.covered_seconds([(0, 10), (5, 12), (20, 21)]) == pytest.approx(13)
+    assert suite.covered_seconds([(3, 4), (0, 1)]) == pytest.approx(2)
+
+
+def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
+    """stages/common.py writes the last log line; the suite must read what it writes."""
+    from cpal.runtime import setup_logging
+    from stages.common import _finished
+
+    logs = tmp_path / "logs"
+    log = setup_logging(logs / "train_cls.log", "bench-test-stage")
+    _finished(log)
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+    costs = suite.stage_costs(logs)["train_cls"]
+    assert costs["wall_s"] > 0 and costs["peak_rss_mib"] > 10
+    assert costs["end"] - costs["start"] == pytest.approx(costs["wall_s"], abs=0.01)
+
+
+def test_naive_loop_gives_the_stage_maps(suite, tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
+    """The speed comparison is only fair at equal output."""
+    from cpal.data.voc import VOCDataset
+    from cpal.seed_io import load_seeds, seed_path
+    from cpal.seeds import make_seeds
+    from cpal.train_cls import build_model
+
+    torch.manual_seed(0)
+    dataset = VOCDataset(tiny_data, "train")
+    dataset.ids = dataset.ids[:4]
+    model = build_model(tiny_params, dataset.num_classes - 1)
+    from cpal.data.torch_data import to_tensor
+
+    with torch.no_grad():  # one training-mode pass fills the support bank, so PACAM uses context
+        images = torch.stack([to_tensor(dataset.image(i)) for i in dataset.ids])
+        model.train()(images, torch.from_numpy(np.stack([dataset.multi_hot(i) for i in dataset.ids])))
+    model.eval()
+    assert int(model.bank.count.sum()) > 0
+    cfg = dict(tiny_params["seeds"], batch_size=4)
+    make_seeds(model, dataset, tmp_path, cfg, torch.device("cpu"), logging.getLogger("t"), progress=False)
+    naive = suite.naive_seeds(model, dataset, cfg)
+    for image_id, maps in naive.items():
+        stored = load_seeds(seed_path(tmp_path, image_id))
+        for kind, m in maps.items():
+            assert np.abs(stored[kind].astype(np.float32) - m).max() < 2e-3, (image_id, kind)
