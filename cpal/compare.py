@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None,
                    help="keep experiments whose name starts with this prefix (and the baseline)")
     p.add_argument("--no-baseline", action="store_true", help="leave the baseline commit out of the table")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated subset of {','.join(m.label for m in METRICS)} (default: all found)")
     p.add_argument("--title", default="DVC experiments")
     p.add_argument("--machine", default=None,
                    help="where the experiments ran (default: this machine, as compare assumes they ran here)")
@@ -44,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     exp_show = json.loads(args.json.read_text()) if args.json else run_exp_show(args.repo)
-    table = experiment_table(exp_show, git_lock_reader(args.repo))
+    metrics = METRICS
+    if args.metrics:
+        wanted = args.metrics.split(",")
+        unknown = set(wanted) - {m.label for m in METRICS}
+        if unknown:
+            p.error(f"--metrics: unknown {sorted(unknown)}; known: {[m.label for m in METRICS]}")
+        metrics = tuple(m for m in METRICS if m.label in wanted)
+    table = experiment_table(exp_show, git_lock_reader(args.repo), metrics)
     if args.only:
         table = table[table["experiment"].str.startswith(args.only) | table["baseline"]]
     if args.no_baseline:
