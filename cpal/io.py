@@ -101,7 +101,7 @@ def load_label_png(path: str | os.PathLike[str]) -> np.ndarray:
             return np.array(img, dtype=np.uint8)
     except FileNotFoundError:
         raise FileNotFoundError(f"label file not found: {path}") from None
-    except (OSError, SyntaxError) as exc:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: unreadable label PNG ({exc})") from exc
 
 

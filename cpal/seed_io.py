@@ -8,8 +8,10 @@ the refinement stages); `size`: (2,) int64 image (height, width).
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +39,32 @@ def save_seeds(path: str | os.PathLike[str], keys: np.ndarray, size: tuple[int, 
             np.savez_compressed(fh, **arrays)
 
 
+# What damage to an .npz can raise: zip structure, compression, CRC, encryption or method flags, npy header
+_DAMAGE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
+           NotImplementedError)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every member is read whole (zipfile checks its CRC at the end) before numpy parses it.
+
+    np.load parses a member's header before the CRC check is reached, so damage there raised a
+    SyntaxError, or worse, a header with a damaged shape.
+    """
+    with zipfile.ZipFile(path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    return {name.removesuffix(".npy"): np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+            for name, raw in members.items()}
+
+
 def load_seeds(path: str | os.PathLike[str], expected_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Read and check a seed file; `expected_size` is the image's (height, width)."""
     path = Path(path)
     try:
-        with np.load(path) as npz:
-            data = {k: npz[k] for k in npz.files}
+        data = _read_npz(path)
     except FileNotFoundError:
         raise SeedError(f"seed file not found: {path} (rerun make_seeds)") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise SeedError(f"unreadable or truncated seed file: {path} ({exc})") from exc
+    except _DAMAGE as exc:
+        raise SeedError(f"unreadable or truncated seed file: {path} ({type(exc).__name__}: {exc})") from exc
     if "keys" not in data or "size" not in data or "cam" not in data:
         raise SeedError(f"{path}: not a seed file (needs keys, size, cam)")
     size = tuple(int(v) for v in data["size"])

@@ -5,10 +5,18 @@ back, summed over scales and flips, then each image-label class is divided by it
 SIPE practice). PACAM uses the support bank stored in the checkpoint. Alignment (DESIGN 5.7) is off
 at seed time by default: with one instance of a class in a batch, the aligned anchor equals the bank
 mean and retrieval would ignore the image.
+
+Kill-safe and resumable like the IRN stages (cpal/irn/__init__.py): files go to a hidden sibling
+`.<out>.partial` that replaces `out_dir` only when every id is written, so a killed run never leaves a
+folder that looks complete. The partial folder carries a fingerprint of the weights, the settings and
+the image files; a rerun with the same fingerprint keeps the batches already written (every file was
+written atomically) and recomputes the others with the same batch composition, so a resumed run writes
+the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -22,8 +30,10 @@ from tqdm import tqdm
 
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
+from cpal.irn import inputs_stamp, partial_folder, publish_folder
 from cpal.models.cam_net import CAMNet
 from cpal.seed_io import save_seeds, seed_path
+from cpal.training import config_fingerprint
 
 
 def _size_batches(dataset: VOCDataset, batch_size: int) -> list[list[str]]:
@@ -67,15 +77,37 @@ def _normalise_present(maps: torch.Tensor, keys: np.ndarray) -> np.ndarray:
     return (sel / peak).clamp_(0, 1).cpu().numpy()
 
 
+def seeds_fingerprint(model: torch.nn.Module, dataset: VOCDataset, cfg: dict[str, Any], device: torch.device,
+                      context: bool | None) -> str:
+    """What a partial seed folder was started with: weights (support bank included), settings, images.
+
+    A rerun continues a killed run only when all of it is unchanged; otherwise it starts over.
+    """
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    images = inputs_stamp([dataset.image_path(i) for i in dataset.ids])
+    return config_fingerprint(weights.hexdigest(), cfg, str(context), device.type, str(dataset.root),
+                              dataset.split, images)
+
+
 def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str, Any], device: torch.device,
                log: logging.Logger, progress: bool = True, context: bool | None = None) -> dict[str, Any]:
-    """Write one seed .npz per image (each atomically); return counts and timing."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write one seed .npz per image (each atomically, published as a folder); return counts and timing."""
+    out_dir = Path(out_dir)
     batches = _size_batches(dataset, cfg["batch_size"])
+    partial = partial_folder(out_dir, seeds_fingerprint(model, dataset, cfg, device, context))
+    for stale in partial.glob(".*.tmp*"):  # a file a killed run was writing (cpal.io.atomic_path names)
+        stale.unlink()
+    todo = [ids for ids in batches if not all(seed_path(partial, i).is_file() for i in ids)]
+    kept = len(dataset) - sum(len(ids) for ids in todo)
+    if kept:
+        log.info("continuing %s: seeds of %d of %d images already written", partial, kept, len(dataset))
     done = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(dataset), desc="make_seeds", disable=not progress)
-    for ids in batches:
+    bar = tqdm(total=len(dataset), initial=kept, desc="make_seeds", disable=not progress)
+    for ids in todo:
         images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
         labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])).to(device)
         cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
@@ -84,10 +116,13 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
             maps = {"cam": _normalise_present(cam[b], keys)}
             if pacam is not None:
                 maps["pacam"] = _normalise_present(pacam[b], keys)
-            save_seeds(seed_path(out_dir, image_id), keys, tuple(images.shape[2:]), maps)
+            save_seeds(seed_path(partial, image_id), keys, tuple(images.shape[2:]), maps)
             done += 1
         bar.update(len(ids))
     bar.close()
+    publish_folder(partial, out_dir)
     seconds = time.perf_counter() - t0
-    log.info("wrote seeds for %d images in %.1f s (%.1f images/s)", done, seconds, done / max(seconds, 1e-9))
-    return {"images": done, "seconds": seconds, "images_per_s": done / max(seconds, 1e-9)}
+    log.info("wrote seeds for %d images in %.1f s (%.1f images/s)%s", done, seconds, done / max(seconds, 1e-9),
+             f"; {kept} kept from a killed run" if kept else "")
+    return {"images": done, "resumed_images": kept, "seconds": seconds,
+            "images_per_s": done / max(seconds, 1e-9)}

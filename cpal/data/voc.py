@@ -93,7 +93,7 @@ class VOCDataset:
                 return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
         except FileNotFoundError:
             raise DatasetError(f"image not found: {path}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"unreadable image: {path} ({exc})") from exc
 
     def image_size(self, image_id: str) -> tuple[int, int]:
@@ -104,7 +104,7 @@ class VOCDataset:
                 w, h = img.size
         except FileNotFoundError:
             raise DatasetError(f"image not found: {path}") from None
-        except (OSError, SyntaxError) as exc:
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"unreadable image: {path} ({exc})") from exc
         return h, w
 
