@@ -1,7 +1,12 @@
-"""File helpers shared by every stage: atomic writes and VOC palette PNGs.
+"""File helpers shared by every stage: atomic writes, staged output folders and VOC palette PNGs.
 
 Every artifact is written to a temporary name in the same folder and renamed into place, so a killed
-stage never leaves a half-written file that a rerun would accept.
+stage never leaves a half-written file that a rerun would accept. Stages that write a folder of
+per-image files build it in a hidden sibling (``.<name>.partial``) and rename it into place only when
+every file is there, so a killed stage never leaves a folder that looks complete. The partial folder
+records a fingerprint of its inputs and settings; a rerun with the same fingerprint keeps the files
+already written and does the rest (a rerun with another fingerprint, or of a stage that does not
+resume, starts from an empty one: nothing a killed run left is ever kept by mistake).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +40,63 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+STAMP = ".fingerprint"
+
+
+def inputs_stamp(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of input files: a cheap proxy for their content in a fingerprint."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((p.name, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def partial_folder(final: str | os.PathLike[str], fingerprint: str | None) -> Path:
+    """The staging folder for `final`, emptied unless it was started with this fingerprint (None: always).
+
+    Temporary files a killed write left (atomic_path names) are removed, so they are never published.
+    """
+    final = Path(final)
+    partial = final.parent / f".{final.name}.partial"
+    stamp = partial / STAMP
+    if partial.exists() and (fingerprint is None or not stamp.is_file() or stamp.read_text() != fingerprint):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    partial.chmod(0o777 & ~_umask())
+    for stale in partial.glob(".*.tmp*"):
+        stale.unlink()
+    if fingerprint is not None and not stamp.is_file():
+        write_text(stamp, fingerprint)
+    return partial
+
+
+def publish_folder(partial: Path, final: str | os.PathLike[str]) -> None:
+    """Move the finished staging folder to `final`, replacing an older output of this stage."""
+    final = Path(final)
+    (partial / STAMP).unlink(missing_ok=True)
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """An empty staging folder for `final` (no resume); published if the block succeeds, else removed."""
+    partial = partial_folder(final, None)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish_folder(partial, final)
 
 
 @functools.cache

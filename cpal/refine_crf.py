@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from cpal.crf import dense_crf
 from cpal.data.voc import VOCDataset
-from cpal.io import save_label_png
+from cpal.io import save_label_png, staged_folder
 from cpal.seed_io import MAP_KEYS, load_seeds, seed_path
 
 BG_MODES = ("threshold", "power")
@@ -47,10 +46,10 @@ class RefineError(RuntimeError):
 
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike[str], log: logging.Logger | None = None) -> Iterator[Path]:
-    """Yield a hidden sibling folder to fill; on success it replaces `out_dir`, on failure it is removed.
+    """cpal.io.staged_folder for a folder of label PNGs, with the previous output removed up front.
 
-    A previous `out_dir` is removed up front (it belongs to an older run, and a failed rerun must not leave
-    it looking like the new result). It must hold only PNG files, so a mistyped path cannot delete data.
+    Removed first because it belongs to an older run, and a failed rerun must not leave it looking like
+    the new result. It must hold only PNG files, so a mistyped path cannot delete data.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -62,17 +61,8 @@ def staged_dir(out_dir: str | os.PathLike[str], log: logging.Logger | None = Non
         if log is not None:
             log.info("removing the previous output %s", out_dir)
         shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700 folders; results are meant to be shared
-    try:
+    with staged_folder(out_dir) as tmp:
         yield tmp
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def probabilities(maps: np.ndarray, cfg: dict[str, Any]) -> np.ndarray:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
-from cpal.irn import inputs_stamp, partial_folder, publish_folder
+from cpal.io import inputs_stamp, partial_folder, publish_folder
 from cpal.models.cam_net import CAMNet
 from cpal.seed_io import save_seeds, seed_path
 from cpal.training import config_fingerprint
@@ -98,8 +98,6 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     out_dir = Path(out_dir)
     batches = _size_batches(dataset, cfg["batch_size"])
     partial = partial_folder(out_dir, seeds_fingerprint(model, dataset, cfg, device, context))
-    for stale in partial.glob(".*.tmp*"):  # a file a killed run was writing (cpal.io.atomic_path names)
-        stale.unlink()
     todo = [ids for ids in batches if not all(seed_path(partial, i).is_file() for i in ids)]
     kept = len(dataset) - sum(len(ids) for ids in todo)
     if kept:

@@ -22,8 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpal.data.voc import VOCDataset
-from cpal.io import save_label_png
-from cpal.irn import inputs_stamp, partial_folder, publish_folder
+from cpal.io import inputs_stamp, partial_folder, publish_folder, save_label_png
 from cpal.seed_io import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 from cpal.training import config_fingerprint
 

@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
-from cpal.io import save_label_png
-from cpal.irn import inputs_stamp, partial_folder, publish_folder
+from cpal.io import inputs_stamp, partial_folder, publish_folder, save_label_png
 from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex

@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from cpal.data.torch_data import random_crop_pad, to_tensor
 from cpal.data.voc import VOCDataset
-from cpal.io import load_label_png, write_json
-from cpal.irn import inputs_stamp
+from cpal.io import inputs_stamp, load_label_png, write_json
 from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
 from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
 from cpal.models.backbone import build_backbone
