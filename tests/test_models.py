@@ -195,9 +195,19 @@ def test_bad_inputs_are_named() -> None:
 
 
 def test_cpal_step_is_fast_on_cpu() -> None:
-    net = make_net("cpal").train()
+    """The prototype branch must not dominate a training step: compared with the plain CAM step on the same
+    input (best of 3 each), so that a loaded machine slows both and the test stays meaningful."""
     x = images()
-    net(x, LABELS)["loss"].backward()  # warm-up, fills the bank
-    start = time.perf_counter()
-    net(x, LABELS)["loss"].backward()
-    assert time.perf_counter() - start < 1.0
+
+    def best_step(method: str) -> float:
+        net = make_net(method).train()
+        net(x, LABELS)["loss"].backward()  # warm-up, fills the bank
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            net(x, LABELS)["loss"].backward()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    cam, cpal = best_step("cam"), best_step("cpal")
+    assert cpal < 2.0 * cam + 0.05, f"CPAL step {cpal:.3f} s vs CAM step {cam:.3f} s"
