@@ -9,7 +9,6 @@ seeded per epoch, so they do not depend on where a run stopped).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cpal import distributed
 from cpal.data.torch_data import ClassificationData, to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.io import write_json
@@ -32,7 +32,6 @@ from cpal.training import (
     load_resume,
     open_dvclive,
     poly_lambda,
-    resolve_device,
     save_checkpoint,
     save_resume,
     set_determinism,
@@ -123,26 +122,52 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, write `model.pt` and `metrics.json` into out_dir.
 
-    `stop_after_epoch` ends the run early as a kill would (for tests of resumption).
+    Under torchrun (WORLD_SIZE > 1; see cpal.distributed) every process calls this: DDP over the ranks,
+    `train_cls.batch_size` the global batch split evenly among them, the support bank gathered across
+    ranks, BatchNorm synchronised if `train_cls.sync_bn`; rank 0 alone evaluates and writes files, and
+    every rank returns the same metrics. `stop_after_epoch` ends the run early as a kill would (for
+    tests of resumption).
     """
+    ctx = distributed.setup(params["run"]["device"])
+    try:
+        return _train(ctx, params, data_dir, out_dir, log, progress, stop_after_epoch)
+    finally:
+        ctx.close()
+
+
+def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path, out_dir: Path,
+           log: logging.Logger, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
     cfg, run = params["train_cls"], params["run"]
-    device = resolve_device(run["device"])
+    device = ctx.device
     set_determinism(device)
     seed_everything(run["seed"])
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / "resume.pt"
+    info = log.info if ctx.is_main else (lambda *a, **k: None)
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
     val_set = VOCDataset(data_dir, cfg["val_split"])
     data = ClassificationData(train_set, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
                               cache=cfg["cache_images"])
     batch = cfg["batch_size"]
-    steps_per_epoch = len(data) // batch if cfg["drop_last"] else math.ceil(len(data) / batch)
+
+    def sampler(epoch: int) -> distributed.GlobalBatchSampler:
+        # the permutation DataLoader(shuffle=True, generator=Generator().manual_seed(seed * 1000 + epoch)) drew
+        return distributed.GlobalBatchSampler(len(data), batch, run["seed"] * 1000 + epoch, cfg["drop_last"],
+                                              ctx.rank, ctx.world_size, key="train_cls.batch_size")
+
+    steps_per_epoch = len(sampler(0))
     if steps_per_epoch == 0:
         raise ValueError(f"train_cls.batch_size = {batch} exceeds the {len(data)} training images (drop_last)")
     total_steps = steps_per_epoch * cfg["epochs"]
 
     model = build_model(params, train_set.num_classes - 1).to(device)
+    if ctx.distributed:
+        if cfg.get("sync_bn", False):
+            model = distributed.convert_sync_batchnorm(model, ctx)
+        model.distribute(ctx.group)
+    # method cam never uses the side convs (no PACAM): DDP must not wait for their gradients
+    net = distributed.wrap_ddp(model, ctx, find_unused_parameters=params["params"]["method"] == "cam")
     optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["new_layer_lr_mult"]), cfg["optimizer"],
                                 cfg["lr"], cfg["momentum"], cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"],
@@ -155,49 +180,62 @@ def train_classifier(
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     state = load_resume(resume_path, fingerprint, stateful, device, log)
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
+    if ctx.distributed:
+        info("DDP: %d processes (%s), %d images per process and step, sync_bn %s", ctx.world_size,
+             "nccl" if device.type == "cuda" else "gloo", batch // ctx.world_size, bool(cfg.get("sync_bn", False)))
 
-    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0) if ctx.is_main else None
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
         data.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
-        loader = DataLoader(data, batch_size=cfg["batch_size"], shuffle=True, generator=generator,
-                            drop_last=cfg["drop_last"], num_workers=run["num_workers"],
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+        batches = sampler(epoch)
+        loader = DataLoader(data, batch_sampler=batches, num_workers=run["num_workers"],
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(run["seed"] * 1000 + epoch))
         sums = {"loss": 0.0, "loss_cls": 0.0, "loss_self": 0.0}
         seen, t0 = 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not progress,
+        bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and ctx.is_main),
                    leave=False)
-        for images, targets, _ in bar:
+        for step, (images, targets, _) in enumerate(bar):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                out = model(images, targets)
+                out = net(images, targets)
+            loss = out["loss"]
+            n = images.shape[0]
+            if ctx.distributed and n * ctx.world_size != batches.global_size(step):
+                # a partial last batch: weight this rank's mean so DDP's average is the global batch mean
+                loss = loss * (n * ctx.world_size / batches.global_size(step))
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            n = images.shape[0]
             seen += n
             for key in sums:
                 sums[key] += float(out[key].detach()) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        if ctx.distributed:  # per-image sums over every rank: the single-process epoch means
+            *totals, seen = ctx.all_reduce_sum([*sums.values(), seen])
+            sums = dict(zip(sums, totals, strict=True))
+            seen = int(round(seen))
         seconds = time.perf_counter() - t0
         record = {key: value / max(seen, 1) for key, value in sums.items()}
+        val_map = evaluate_map(model, val_set, device, cfg["batch_size"]) if ctx.is_main else None
         record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds,
-                      lr=scheduler.get_last_lr()[0],
-                      val_map=evaluate_map(model, val_set, device, cfg["batch_size"]))
+                      lr=scheduler.get_last_lr()[0], val_map=ctx.broadcast_float(val_map))
         history.append(record)
-        log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
+             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if live is not None:
             for key, value in record.items():
                 if key != "epoch":
                     live.log_metric(f"train_cls/{key}", value)
             live.next_step()
-        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
+        if ctx.is_main:
+            save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
+        ctx.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
-            log.info("stopping after epoch %d as asked", epoch + 1)
+            info("stopping after epoch %d as asked", epoch + 1)
             return {"stopped_after_epoch": epoch + 1}
     if live is not None:
         live.end()
@@ -216,9 +254,12 @@ def train_classifier(
         "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
         "epoch_seconds": [h["seconds"] for h in history],
     }
-    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "timing.json", timing)
-    resume_path.unlink(missing_ok=True)
+    if ctx.distributed:
+        timing["processes"] = ctx.world_size
+    if ctx.is_main:
+        save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "timing.json", timing)
+        resume_path.unlink(missing_ok=True)
+    ctx.barrier()
     return metrics
-

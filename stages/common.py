@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
+import os
 from typing import Any
 
 from cpal.config import ParamsError, load_params
@@ -21,9 +22,15 @@ def parser(description: str) -> argparse.ArgumentParser:
 def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str, Any]]:
     """Open the stage's log and load validated params; a bad params file exits with status 2.
 
-    The log's first and last lines ("started", "finished") time the stage for the report.
+    The log's first and last lines ("started", "finished") time the stage for the report. Under torchrun
+    (WORLD_SIZE > 1) only rank 0 writes the log file, appending when the stage relaunched itself.
     """
-    log = setup_logging(args.log, name)
+    if _under_torchrun():  # one of several DDP processes: rank 0 logs to the file, the others warnings only
+        from cpal.distributed import rank_logging
+
+        log = rank_logging(setup_logging(None, name), args.log)
+    else:
+        log = setup_logging(args.log, name)
     log.info("started")
     atexit.register(_finished, log)
     try:
@@ -31,6 +38,11 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
     except ParamsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None
+
+
+def _under_torchrun() -> bool:
+    """WORLD_SIZE > 1: this process is one rank of a torchrun job (cpal.distributed)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
 
 
 def _finished(log: logging.Logger) -> None:

@@ -12,6 +12,7 @@ from cpal.models.backbone import build_backbone
 from cpal.models.cpal_module import (
     CPALConfig,
     SupportBank,
+    batch_class_means,
     cam_with_background,
     instance_prototypes,
     mix_prototypes,
@@ -48,6 +49,16 @@ class CAMNet(nn.Module):
         self.feature_dim = sum(SIDE_CHANNELS)
         self.bank = SupportBank(num_classes, self.cfg.bank_size, self.feature_dim)
 
+    def distribute(self, group: Any) -> None:
+        """Train under DDP with the ranks of ``group`` (None: a single process again).
+
+        The support bank then receives every rank's instance prototypes (gathered in rank order) and
+        the alignment shift uses the mean over the global batch, so each rank computes what a single
+        process would on the same global batch. Training forwards become collectives: every rank of
+        ``group`` must run them in step (DDP does).
+        """
+        self.bank.group = group
+
     # -- building blocks ---------------------------------------------------------------------------
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -83,14 +94,19 @@ class CAMNet(nn.Module):
 
     def _prototype_maps(self, cam: torch.Tensor, feats: torch.Tensor, present_all: torch.Tensor,
                         valid: torch.Tensor | None, use_context: bool, align: bool | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw PACAM (B, N+1, h, w), seeds, instance prototypes and their validity (B, N+1)."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Raw PACAM (B, N+1, h, w), seeds, instance prototypes, their validity (B, N+1) and, in DDP
+        training, the global batch's per-class prototype means (else None)."""
         seeds = seeds_from_cam(cam, present_all, valid)
         inst, counts = instance_prototypes(feats, seeds, cam.shape[1])
         ok = present_all & (counts > 0)
-        protos = mix_prototypes(inst, ok, self.bank, self.cfg, align) if use_context else inst
+        means = None
+        align = self.cfg.use_alignment if align is None else align
+        if use_context and align and self.cfg.context_weight != 0 and self.training and self.bank.group is not None:
+            means = batch_class_means(inst, ok, self.bank.group)
+        protos = mix_prototypes(inst, ok, self.bank, self.cfg, align, class_means=means) if use_context else inst
         raw = prototype_cam(feats, protos, ok, center=self.cfg.center_features, valid=valid)
-        return raw, seeds, inst, ok
+        return raw, seeds, inst, ok, means
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -123,10 +139,12 @@ class CAMNet(nn.Module):
 
         present_all = F.pad(present, (1, 0), value=True)
         feats = self.hierarchical_features(stages)
-        raw, seeds, inst, ok = self._prototype_maps(cam, feats, present_all, grid_valid,
-                                                    use_context=self.cfg.method == "cpal", align=None)
+        raw, seeds, inst, ok, means = self._prototype_maps(cam, feats, present_all, grid_valid,
+                                                           use_context=self.cfg.method == "cpal", align=None)
         pacam = normalize_maps(raw)
         loss_self = self_loss(cam, pacam, present_all, grid_valid)
+        if means is not None:  # keeps the all-reduce in every rank's graph, so every rank runs its backward
+            loss_self = loss_self + 0.0 * means.sum()
         if self.training:
             rows, cols = ok[:, 1:].nonzero(as_tuple=True)  # batch order, then class order
             self.bank.push(cols, inst[rows, cols + 1].detach())
@@ -165,8 +183,8 @@ class CAMNet(nn.Module):
         cam = cam_with_background(raw_cam, present)
         present_all = F.pad(present, (1, 0), value=True)
         use_context = self.cfg.method == "cpal" if context is None else context
-        raw, _, _, _ = self._prototype_maps(cam, self.hierarchical_features(stages), present_all, None,
-                                            use_context=use_context, align=align)
+        raw = self._prototype_maps(cam, self.hierarchical_features(stages), present_all, None,
+                                   use_context=use_context, align=align)[0]
         if normalize:
             return normalize_maps(cam_fg), normalize_maps(raw)
         return cam_fg, raw

@@ -111,11 +111,16 @@ class SupportBank(nn.Module):
 
     Buffers (saved in state_dict): ``prototypes`` (N, size, C), ``count`` (N,) how many slots are
     filled, ``ptr`` (N,) the next slot to write (the oldest entry once the queue is full).
+
+    Under DDP, ``group`` (a torch.distributed process group, set by :meth:`CAMNet.distribute`) makes
+    :meth:`push` gather every rank's rows first, in rank order: every rank then holds the bank a single
+    process would hold after the same global batch.
     """
 
     def __init__(self, num_classes: int, size: int, dim: int) -> None:
         super().__init__()
         self.num_classes, self.size, self.dim = num_classes, size, dim
+        self.group: Any = None
         self.register_buffer("prototypes", torch.zeros(num_classes, size, dim))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
@@ -124,14 +129,25 @@ class SupportBank(nn.Module):
     def push(self, class_ids: torch.Tensor, prototypes: torch.Tensor) -> None:
         """Append prototypes (M, C) of foreground classes ``class_ids`` (M,) in 0..N-1, in order.
 
-        Each class keeps its ``size`` newest entries; within a call, later rows count as newer.
+        Each class keeps its ``size`` newest entries; within a call, later rows count as newer. With a
+        ``group``, every rank of it must call push at the same point (it is a collective).
         """
         class_ids = class_ids.to(self.count.device).long()
-        if class_ids.numel() == 0:
+        if class_ids.numel() == 0 and self.group is None:
             return
         if prototypes.shape != (class_ids.numel(), self.dim):
             raise ValueError(f"SupportBank.push: prototypes of shape {tuple(prototypes.shape)}, "
                              f"expected ({class_ids.numel()}, {self.dim})")
+        if self.group is not None:
+            from cpal.distributed import all_gather_rows
+
+            # one collective for both: class ids (small integers) are exact in float32, the bank's dtype
+            rows = torch.cat([class_ids.to(self.prototypes.dtype)[:, None],
+                              prototypes.detach().to(self.prototypes.device, self.prototypes.dtype)], dim=1)
+            rows = all_gather_rows(rows, self.group)
+            class_ids, prototypes = rows[:, 0].round().long(), rows[:, 1:]
+        if class_ids.numel() == 0:
+            return
         if int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes:
             raise ValueError(f"SupportBank.push: class ids must lie in 0..{self.num_classes - 1}")
         protos = prototypes.detach().to(self.prototypes.device, self.prototypes.dtype)
@@ -228,14 +244,30 @@ def context_prototypes(anchors: torch.Tensor, keys: torch.Tensor, k: int, metric
     return torch.einsum("mk,mkc->mc", weights, neighbours)
 
 
+def batch_class_means(instance: torch.Tensor, ok: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Per map, the mean (N+1, C) of the valid instance prototypes (B, N+1, C) of the batch, ``ok`` (B, N+1).
+
+    With a DDP ``group`` the mean runs over every rank's images (the global batch), differentiably;
+    every rank must call it, and must keep the result in its loss so that every rank runs its backward.
+    """
+    w = ok.to(instance.dtype)
+    packed = torch.cat([torch.einsum("bk,bkc->kc", w, instance), w.sum(dim=0)[:, None]], dim=1)
+    if group is not None:
+        from cpal.distributed import all_reduce_sum
+
+        packed = all_reduce_sum(packed, group)
+    return packed[:, :-1] / packed[:, -1:].detach().clamp(min=1)
+
+
 def mix_prototypes(instance: torch.Tensor, ok: torch.Tensor, bank: SupportBank, cfg: CPALConfig,
-                   align: bool | None = None) -> torch.Tensor:
+                   align: bool | None = None, class_means: torch.Tensor | None = None) -> torch.Tensor:
     """The PACAM prototypes (B, N+1, C): (1 - w) P^I + w P^C for each present foreground class.
 
     P^C is retrieved with the aligned anchor P^I + delta_n (delta over this batch's prototypes of
     class n, if ``align``, default ``cfg.use_alignment``). A class whose bank is empty keeps P^I
     alone; with fewer than K entries, all of them are used. The background (channel 0) and missing
-    prototypes (``ok`` False) are left as they are.
+    prototypes (``ok`` False) are left as they are. ``class_means`` (N+1, C), when given, replaces the
+    batch's per-class mean in delta (DDP: the mean over the global batch, see :func:`batch_class_means`).
     """
     align = cfg.use_alignment if align is None else align
     out = instance.clone()
@@ -248,7 +280,12 @@ def mix_prototypes(instance: torch.Tensor, ok: torch.Tensor, bank: SupportBank, 
             continue
         keys = bank.get(n - 1).clone()  # a copy: the bank is written in place after this batch
         p_inst = instance[rows, n]
-        anchors = p_inst + alignment_shift(keys, p_inst) if align else p_inst
+        if not align:
+            anchors = p_inst
+        elif class_means is None:
+            anchors = p_inst + alignment_shift(keys, p_inst)
+        else:
+            anchors = p_inst + (keys.mean(dim=0) - class_means[n])
         p_ctx = context_prototypes(anchors, keys, cfg.K, cfg.metric, cfg.temperature, cfg.tau,
                                    cfg.use_positiveness)
         out[rows, n] = ((1 - w) * p_inst + w * p_ctx).to(out.dtype)  # the bank is float32 under AMP

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cpal import distributed
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.io import write_json
 from cpal.runtime import seed_everything
@@ -32,7 +33,6 @@ from cpal.training import (
     load_resume,
     open_dvclive,
     poly_lambda,
-    resolve_device,
     save_checkpoint,
     save_resume,
     set_determinism,
@@ -99,29 +99,55 @@ def train_segmenter(
 
     `labels_dir` None trains on ground truth (upper bound). `seg.iterations`, when set, overrides
     `seg.epochs`: training stops after that many steps, the poly schedule spanning them.
+    Under torchrun (WORLD_SIZE > 1; see cpal.distributed) every process calls this: DDP, `seg.batch_size`
+    the global batch split evenly, the loss normalised by the global batch's labelled pixels, BatchNorm
+    synchronised if `seg.sync_bn`; rank 0 alone writes files; every rank returns the same metrics.
     `stop_after_epoch` ends the run early as a kill would (for tests of resumption).
     """
+    ctx = distributed.setup(params["run"]["device"])
+    try:
+        return _train(ctx, params, data_dir, labels_dir, out_dir, log, progress, stop_after_epoch)
+    finally:
+        ctx.close()
+
+
+def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path, labels_dir: Path | None,
+           out_dir: Path, log: logging.Logger, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
     cfg, run = seg_config(params), params["run"]
-    device = resolve_device(run["device"])
+    device = ctx.device
     set_determinism(device)
     seed_everything(run["seed"])
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_path = out_dir / "resume.pt"
+    info = log.info if ctx.is_main else (lambda *a, **k: None)
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
     data = SegmentationData(train_set, labels_dir, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
                             cache=cfg.get("cache_images", True))
     batch = cfg["batch_size"]
+    sync_bn = bool(cfg.get("sync_bn", False)) and ctx.distributed
     steps_per_epoch = len(data) // batch  # drop_last: BatchNorm in the head needs batches of two or more
     if steps_per_epoch == 0 or batch < 2:
         raise ValueError(f"seg.batch_size = {batch} must lie in 2..{len(data)} (the training images of split "
                          f"{cfg['train_split']!r})")
+    if ctx.distributed and distributed.local_batch_size(batch, ctx, "seg.batch_size") < 2 and not sync_bn:
+        raise ValueError(f"seg.batch_size = {batch} over {ctx.world_size} processes leaves 1 image per process, "
+                         "too few for BatchNorm: raise seg.batch_size or set seg.sync_bn true")
+
+    def sampler(epoch: int) -> distributed.GlobalBatchSampler:
+        # the permutation DataLoader(shuffle=True, generator=Generator().manual_seed(seed * 1000 + epoch)) drew
+        return distributed.GlobalBatchSampler(len(data), batch, run["seed"] * 1000 + epoch, True, ctx.rank,
+                                              ctx.world_size, key="seg.batch_size")
+
     iterations = cfg.get("iterations")
     total_steps = int(iterations) if iterations else steps_per_epoch * cfg["epochs"]
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
     num_classes = train_set.num_classes
     model = build_segmenter(cfg, num_classes).to(device)
+    if sync_bn:
+        model = distributed.convert_sync_batchnorm(model, ctx)
+    net = distributed.wrap_ddp(model, ctx)
     optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["head_lr_mult"]), cfg.get("optimizer", "sgd"),
                                 cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
@@ -138,53 +164,65 @@ def train_segmenter(
     state = load_resume(resume_path, fingerprint, stateful, device, log)
     start_epoch, step, history = (state["epoch"], state["step"], list(state["history"])) if state else (0, 0, [])
 
-    log.info("train_seg: %s/%s init=%s on %s, %d images, %d steps (%d epochs), device %s", cfg["backbone"],
-             cfg["head"], cfg["init"], data.source, len(data), total_steps, n_epochs, device)
-    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0)
+    info("train_seg: %s/%s init=%s on %s, %d images, %d steps (%d epochs), device %s", cfg["backbone"],
+         cfg["head"], cfg["init"], data.source, len(data), total_steps, n_epochs, device)
+    if ctx.distributed:
+        info("DDP: %d processes (%s), %d images per process and step, sync_bn %s", ctx.world_size,
+             "nccl" if device.type == "cuda" else "gloo", batch // ctx.world_size, sync_bn)
+    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0) if ctx.is_main else None
     model.train()
     for epoch in range(start_epoch, n_epochs):
         data.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
-        loader = DataLoader(data, batch_size=batch, shuffle=True, generator=generator, drop_last=True,
-                            num_workers=run["num_workers"], pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+        loader = DataLoader(data, batch_sampler=sampler(epoch), num_workers=run["num_workers"],
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(run["seed"] * 1000 + epoch))
         loss_sum, correct, labelled, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"train_seg epoch {epoch + 1}/{n_epochs}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"train_seg epoch {epoch + 1}/{n_epochs}", disable=not (progress and ctx.is_main),
+                   leave=False)
         for images, labels, _ in bar:
             if step >= total_steps:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, weight=weight_t, ignore_index=IGNORE_INDEX)
+                logits = net(images)
+            n = images.shape[0]
+            if ctx.distributed:  # step_loss: this rank's share of the global batch's mean loss
+                loss, step_loss = _global_mean_loss(logits, labels, weight_t, ctx)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, weight=weight_t, ignore_index=IGNORE_INDEX)
+                step_loss = float(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             step += 1
-            n = images.shape[0]
             seen += n
-            loss_sum += float(loss.detach()) * n
+            loss_sum += step_loss * (n * ctx.world_size)  # (global batch mean) x (global batch size), summed over ranks
             valid = labels != IGNORE_INDEX
             correct += int((logits.detach().argmax(1) == labels)[valid].sum())
             labelled += int(valid.sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if ctx.distributed:  # every rank's share: the single-process epoch sums
+            loss_sum, correct, labelled, seen = ctx.all_reduce_sum([loss_sum, correct, labelled, seen])
+            correct, labelled, seen = int(round(correct)), int(round(labelled)), int(round(seen))
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
                   "pixel_acc": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
                   "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         history.append(record)
-        log.info("epoch %d/%d: %s", epoch + 1, n_epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+        info("epoch %d/%d: %s", epoch + 1, n_epochs,
+             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if live is not None:
             for key, value in record.items():
                 if key not in ("epoch", "step"):
                     live.log_metric(f"train_seg/{key}", value)
             live.next_step()
-        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, step=step, history=history, meta=meta)
+        if ctx.is_main:
+            save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, step=step, history=history, meta=meta)
+        ctx.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < n_epochs:
-            log.info("stopping after epoch %d as asked", epoch + 1)
+            info("stopping after epoch %d as asked", epoch + 1)
             return {"stopped_after_epoch": epoch + 1}
     if live is not None:
         live.end()
@@ -212,8 +250,28 @@ def train_segmenter(
         "epoch_seconds": [h["seconds"] for h in history],
         "total_seconds": float(sum(h["seconds"] for h in history)),
     }
-    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "timing.json", timing)
-    resume_path.unlink(missing_ok=True)
+    if ctx.distributed:
+        timing["processes"] = ctx.world_size
+    if ctx.is_main:
+        save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
+        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "timing.json", timing)
+        resume_path.unlink(missing_ok=True)
+    ctx.barrier()
     return metrics
+
+
+def _global_mean_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
+                      ctx: distributed.DistContext) -> tuple[torch.Tensor, float]:
+    """This rank's loss for backward and the global batch's loss value, under DDP.
+
+    Cross-entropy's mean runs over labelled pixels (weighted by class weights), whose count differs
+    between ranks: each rank takes its pixel sum over the GLOBAL denominator, times the world size,
+    so that DDP's gradient average equals the single-process gradient of the global batch's mean.
+    """
+    total = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = labels != IGNORE_INDEX
+    local = weight[labels[valid]].sum() if weight is not None else valid.sum()
+    denominator = distributed.loss_normaliser(local, ctx)
+    share = total / denominator.to(total.dtype)
+    return share * ctx.world_size, float(share.detach())
