@@ -92,7 +92,7 @@ rule train_cls:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
+        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
     conda:
         ENV
     shell:
@@ -260,7 +260,7 @@ rule train_seg:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
+        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
     conda:
         ENV
     shell:
@@ -308,7 +308,7 @@ rule train_seg_full:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
+        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
     conda:
         ENV
     shell:

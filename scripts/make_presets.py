@@ -33,7 +33,7 @@ VOC12 = {
             "train_split": "train_aug", "val_split": "val", "scales": [1.0, 0.75, 0.5], "flip": False},
     "irn": {"fg_threshold": 0.30, "bg_threshold": 0.05, "backbone_from": "imagenet", "radius": 10, "crop": 512,
             "batch_size": 32, "epochs": 3, "walk_radius": 5, "exp_times": 8, "sem_seg_bg_thres": 0.25},
-    "run": {"device": "auto", "num_workers": 8},
+    "run": {"device": "auto", "num_workers": 8, "torch_threads": 0},
 }
 COCO14 = {
     "data": {"source": "coco14", "dir": "data/coco14", "coco14": {"root": None, "download_dir": "data/downloads"}},

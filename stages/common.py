@@ -6,6 +6,7 @@ import argparse
 import atexit
 import logging
 import os
+import sys
 from typing import Any
 
 from cpal.config import ParamsError, load_params
@@ -32,12 +33,26 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
     else:
         log = setup_logging(args.log, name)
     log.info("started")
-    atexit.register(_finished, log)
+    outcome = {"failed": False}
+    atexit.register(_finished, log, outcome)
+    previous_hook = sys.excepthook
+
+    def log_failure(kind, value, tb) -> None:  # an uncaught error: the log must not end in "finished"
+        outcome["failed"] = True
+        log.error("failed: %s: %s", kind.__name__, value)
+        previous_hook(kind, value, tb)
+
+    sys.excepthook = log_failure
     try:
-        return log, load_params(args.params)
+        params = load_params(args.params)
     except ParamsError as exc:
+        outcome["failed"] = True
         log.error("%s", exc)
         raise SystemExit(2) from None
+    threads = params["run"].get("torch_threads", 0)
+    if threads and "torch" in sys.modules:  # stages that use torch have imported it by now
+        sys.modules["torch"].set_num_threads(threads)
+    return log, params
 
 
 def _under_torchrun() -> bool:
@@ -45,12 +60,11 @@ def _under_torchrun() -> bool:
     return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
 
 
-def _finished(log: logging.Logger) -> None:
-    """Last log line at interpreter exit, with the process's own cost (benchmarks/suite.py reads it).
-
-    Skips streams already closed (stages called in-process by tests).
+def _finished(log: logging.Logger, outcome: dict[str, bool]) -> None:
+    """Last log line at interpreter exit, "finished" or "failed", with the process's own cost
+    (benchmarks/suite.py reads it). Skips streams already closed (stages called in-process by tests).
     """
     for handler in list(log.handlers):
         if getattr(getattr(handler, "stream", None), "closed", False):
             log.removeHandler(handler)
-    log.info("finished %s", process_cost())
+    log.info("%s %s", "failed" if outcome["failed"] else "finished", process_cost())

@@ -34,7 +34,7 @@ def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
 
     logs = tmp_path / "logs"
     log = setup_logging(logs / "train_cls.log", "bench-test-stage")
-    _finished(log)
+    _finished(log, {"failed": False})
     for handler in list(log.handlers):
         handler.close()
         log.removeHandler(handler)

@@ -109,6 +109,8 @@ def test_train_cls_names_a_corrupted_jpeg(cli_params: dict, data_copy: Path, tmp
     assert res.returncode != 0
     assert f"unreadable image: {path}" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "out" / "model.pt").exists() and not (tmp_path / "out" / "metrics.json").exists()
+    log = (tmp_path / "train_cls.log").read_text().splitlines()
+    assert " failed " in log[-1] and f"unreadable image: {path}" in log[-2], log[-2:]  # the log says so too
 
 
 @pytest.mark.slow
