@@ -18,6 +18,7 @@ from cpal.experiments import (
     keep_notes,
     plot_sweeps,
     run_exp_show,
+    sort_rows,
     swept_params,
     to_markdown,
 )
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no experiment left to compare", file=sys.stderr)
         return 1
     swept = swept_params(table)
+    table = sort_rows(table, swept)
     seeds = sorted({str(s) for s in table.get("run.seed", [])})
     machine = args.machine or machine_description()
     command = args.command or "dvc exp run ... (see the README)"

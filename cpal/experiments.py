@@ -10,12 +10,14 @@ left empty and named in the `stale` column.
 from __future__ import annotations
 
 import json
+import numbers
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -150,6 +152,27 @@ def swept_params(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in skip and table[c].astype(str).nunique() > 1]
 
 
+def _is_number(value: Any) -> bool:
+    """Numbers (numpy's included, as pandas hands them out), not booleans."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def sort_rows(table: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
+    """Baseline first, then experiments grouped by the param they change, in order of its value."""
+    base = table.attrs.get("baseline_params") or {}
+
+    def key(i: int) -> tuple:
+        row = table.loc[i]
+        changed = [p for p in swept if str(row[p]) != str(base.get(p))]
+        value = row[changed[0]] if changed else 0
+        numeric = _is_number(value)
+        return (not row["baseline"], ",".join(changed), 0 if numeric else 1, value if numeric else str(value))
+
+    ordered = table.loc[sorted(table.index, key=key)].reset_index(drop=True)
+    ordered.attrs = dict(table.attrs)
+    return ordered
+
+
 def metric_columns(table: pd.DataFrame) -> list[str]:
     return [m.label for m in METRICS if m.label in table and table[m.label].notna().any()]
 
@@ -189,7 +212,7 @@ def plot_sweeps(table: pd.DataFrame, swept: list[str], out: Path, footer: str) -
             mask &= table[p].astype(str) == str(base[p])
         sub = table[mask].copy()
         values = sub[param].tolist()
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        numeric = all(_is_number(v) for v in values)
         order = sorted(range(len(values)), key=lambda i: values[i] if numeric else str(values[i]))
         sub = sub.iloc[order]
         x = list(range(len(sub)))
