@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {args.title}", "",
         f"Machine: {machine}. Seeds: {len(seeds)} (run.seed = {', '.join(seeds)}), one run per row.",
         f"Experiments: `{command}`.",
-        f"Table and plot: `{this}` (mIoU in percent; {', '.join(m.label for m in METRICS)} where measured).",
+        f"Table and plot: `{this}` (mIoU in percent; {', '.join(m.label for m in metrics)} where measured).",
         "A metric the experiment did not recompute (a stage outside its targets) is left empty and named under",
         "`stale`.",
         "", f"![sweep]({args.out.name}.png)" if swept else "",
