@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the experiments ran (default: this machine, as compare assumes they ran here)")
     p.add_argument("--command", default=None, help="the command(s) that ran the experiments, for the header")
     args = p.parse_args(argv)
-
-    import json
 
     exp_show = json.loads(args.json.read_text()) if args.json else run_exp_show(args.repo)
     metrics = METRICS

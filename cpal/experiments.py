@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cpal.io import atomic_path
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -226,8 +228,6 @@ def plot_sweeps(table: pd.DataFrame, swept: list[str], out: Path, footer: str) -
     fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
-    from cpal.io import atomic_path
-
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

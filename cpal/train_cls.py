@@ -21,7 +21,6 @@ from tqdm import tqdm
 from cpal import distributed
 from cpal.data.torch_data import ClassificationData, to_tensor
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
 from cpal.models.cam_net import CAMNet
 from cpal.runtime import seed_everything
 from cpal.training import (
@@ -32,9 +31,10 @@ from cpal.training import (
     load_resume,
     open_dvclive,
     poly_lambda,
-    save_checkpoint,
     save_resume,
     set_determinism,
+    timing_summary,
+    write_training_outputs,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -248,18 +248,8 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "val_map": history[-1]["val_map"] if history else None,
         "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    timing = {
-        "device": str(device),
-        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
-        "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
-        "epoch_seconds": [h["seconds"] for h in history],
-    }
-    if ctx.distributed:
-        timing["processes"] = ctx.world_size
-    if ctx.is_main:
-        save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "timing.json", timing)
-        resume_path.unlink(missing_ok=True)
+    timing = timing_summary(history, device, ctx.world_size if ctx.distributed else 1)
+    write_training_outputs(out_dir, ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics, timing,
+                           resume_path)
     ctx.barrier()
     return metrics

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpal.io import atomic_path
+from cpal.io import atomic_path, write_json
 
 
 class CheckpointError(ValueError):
@@ -151,3 +151,28 @@ def open_dvclive(path: str | os.PathLike[str], resume: bool):
     except ImportError:  # dvclive is a declared dependency; stay usable without it
         return None
     return Live(dir=str(path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False)
+
+
+def timing_summary(history: list[dict[str, Any]], device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """timing.json of a training stage: per-epoch seconds and images/s (kept out of metrics.json, which
+    is byte-identical across runs with the same seed on CPU)."""
+    timing: dict[str, Any] = {
+        "device": str(device),
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
+        "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
+        "epoch_seconds": [h["seconds"] for h in history],
+    }
+    if world_size > 1:
+        timing["processes"] = world_size
+    return timing
+
+
+def write_training_outputs(out_dir: Path, is_main: bool, checkpoint: dict[str, Any], metrics: dict[str, Any],
+                           timing: dict[str, Any], resume_path: Path) -> None:
+    """model.pt, metrics.json, timing.json; the resume file goes. Only the main process writes (DDP)."""
+    if not is_main:
+        return
+    save_checkpoint(out_dir / "model.pt", checkpoint)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "timing.json", timing)
+    resume_path.unlink(missing_ok=True)

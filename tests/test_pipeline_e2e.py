@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from pipeline_workspace import tiny_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages", "configs"]
 # Outputs that must not depend on the engine (timings and machine-stamped figures excluded).
 COMPARED = [
     "results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json",
@@ -25,24 +24,6 @@ STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_c
           "train_seg", "eval_seg", "train_seg_full", "eval_seg_full", "report"]
 
 pytestmark = pytest.mark.slow
-
-
-def _workspace(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    shutil.copy2(ROOT / "configs" / "tiny.yaml", dest / "params.yaml")
-    (dest / ".dvc").mkdir()
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    env = _env()
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
-    return dest
 
 
 def _env() -> dict[str, str]:
@@ -63,14 +44,14 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ws = _workspace(tmp_path_factory.mktemp("smk") / "ws")
+    ws = tiny_workspace(tmp_path_factory.mktemp("smk") / "ws")
     _run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
     return ws
 
 
 @pytest.fixture(scope="module")
 def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ws = _workspace(tmp_path_factory.mktemp("dvc") / "ws")
+    ws = tiny_workspace(tmp_path_factory.mktemp("dvc") / "ws")
     _run([sys.executable, "-m", "dvc", "repro", "-q"], ws)
     return ws
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -21,7 +20,6 @@ from tqdm import tqdm
 
 from cpal import distributed
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
-from cpal.io import write_json
 from cpal.runtime import seed_everything
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
@@ -33,9 +31,10 @@ from cpal.training import (
     load_resume,
     open_dvclive,
     poly_lambda,
-    save_checkpoint,
     save_resume,
     set_determinism,
+    timing_summary,
+    write_training_outputs,
 )
 
 CHECKPOINT_FORMAT = 1
@@ -243,20 +242,10 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "final_loss": history[-1]["loss"] if history else None,
         "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    timing = {
-        "device": str(device),
-        "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
-        "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
-        "epoch_seconds": [h["seconds"] for h in history],
-        "total_seconds": float(sum(h["seconds"] for h in history)),
-    }
-    if ctx.distributed:
-        timing["processes"] = ctx.world_size
-    if ctx.is_main:
-        save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
-        write_json(out_dir / "metrics.json", metrics)
-        write_json(out_dir / "timing.json", timing)
-        resume_path.unlink(missing_ok=True)
+    timing = timing_summary(history, device, ctx.world_size if ctx.distributed else 1)
+    timing["total_seconds"] = float(sum(h["seconds"] for h in history))
+    write_training_outputs(out_dir, ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics, timing,
+                           resume_path)
     ctx.barrier()
     return metrics
 

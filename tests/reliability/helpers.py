@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +17,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 EPOCHS = 3  # classifier epochs of the stage-CLI tests (issue 8: three epochs of the tiny preset)
-PIPELINE_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages", "configs"]
 
 
 def env(workspace: bool = False) -> dict[str, str]:
     """Environment of every process these tests start.
 
-    One intra-op thread: CPU results depend on the thread count (same seed, 1 vs 2 threads gives
-    different metrics), and on a loaded 2-core machine two spinning OpenMP threads run training
-    up to 50x slower than one. Snakemake sets OMP_NUM_THREADS itself (to the rule's threads, at most
-    --cores), so its runs use `--cores 1`. Stage CLIs import cpal from the repository; workspace runs
+    One OpenMP thread for whatever runs before a stage applies `run.torch_threads` (the stages then set
+    torch's thread count from params, so results do not depend on this environment or on Snakemake's
+    OMP_NUM_THREADS). Stage CLIs import cpal from the repository; workspace runs
     (Snakemake, DVC) import it from the workspace copy.
     """
     out = dict(os.environ)
@@ -61,24 +58,6 @@ def run_stage(stage: str, *args: str | os.PathLike[str], cwd: Path, timeout: flo
 def check(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert res.returncode == 0, f"{' '.join(map(str, res.args))} failed ({res.returncode}):\n{res.stderr[-4000:]}"
     return res
-
-
-def workspace(dest: Path) -> Path:
-    """A git repository holding the pipeline with configs/tiny.yaml as params.yaml (as test_pipeline_e2e)."""
-    dest.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    shutil.copy2(ROOT / "configs" / "tiny.yaml", dest / "params.yaml")
-    (dest / ".dvc").mkdir()
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env(workspace=True), capture_output=True)
-    return dest
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,

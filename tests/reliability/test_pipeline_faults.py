@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_workspace import tiny_workspace
 
-from .helpers import ROOT, env, wait_for, workspace
+from .helpers import ROOT, env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +59,8 @@ def _output(cwd: Path, name: str) -> str:
 @pytest.fixture(scope="module")
 def dvc_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Workspaces `first` and `second` reproduced side by side; a concurrent `dvc repro` tried in `first`."""
-    first = workspace(tmp_path_factory.mktemp("dvc_first") / "ws")
-    second = workspace(tmp_path_factory.mktemp("dvc_second") / "ws")
+    first = tiny_workspace(tmp_path_factory.mktemp("dvc_first") / "ws")
+    second = tiny_workspace(tmp_path_factory.mktemp("dvc_second") / "ws")
     procs = {"first": _start(DVC + ["repro"], first, "repro"), "second": _start(DVC + ["repro"], second, "repro")}
     wait_for(lambda: (first / "outputs" / "logs" / "train_cls.log").is_file(), TIMEOUT, "train_cls to start",
              procs["first"])
@@ -167,7 +168,7 @@ LOCK_MESSAGE = "Error: Directory cannot be locked."
 
 @pytest.fixture(scope="module")
 def snakemake_race(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    ws = workspace(tmp_path_factory.mktemp("smk") / "ws")
+    ws = tiny_workspace(tmp_path_factory.mktemp("smk") / "ws")
     cmd = SNAKEMAKE + ["--cores", "1", TARGET]
     procs = [_start(cmd, ws, "run0"), _start(cmd, ws, "run1")]
     wait_for(lambda: any(p.poll() is not None for p in procs), TIMEOUT, "one of the two runs to end")

@@ -1,0 +1,34 @@
+"""A throwaway git repository holding the pipeline with configs/tiny.yaml as params.yaml.
+
+Shared by the end-to-end tests (tests/test_pipeline_e2e.py) and the fault-injection tests
+(tests/reliability/); pytest puts tests/ on sys.path, so both import it as `pipeline_workspace`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages", "configs"]
+
+
+def tiny_workspace(dest: Path) -> Path:
+    """Copy the pipeline into `dest`, tiny preset as params.yaml, DVC config, one git commit."""
+    dest.mkdir(parents=True)
+    for name in PIPELINE_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    shutil.copy2(ROOT / "configs" / "tiny.yaml", dest / "params.yaml")
+    (dest / ".dvc").mkdir()
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    return dest
