@@ -355,7 +355,7 @@ def test_train_irn_needs_the_classifier(synthetic: dict[str, Path], tmp_path: Pa
 def _irn_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     net = BoundaryNet(build_backbone("resnet18"))
-    save_checkpoint(path, {"meta": irn_meta("resnet18", "classifier", 4), "model": net.state_dict()})
+    save_checkpoint(path, {"meta": irn_meta(net.backbone, "classifier", 4), "model": net.state_dict()})
     return path
 
 

@@ -54,9 +54,43 @@ def test_backbone_downloads_weights_only_when_pretrained(monkeypatch: pytest.Mon
     monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
     build_backbone("resnet18", pretrained=False)
     assert calls == []
-    with pytest.raises(RuntimeError, match="download attempted"):
+    # offline: the error names the file to fetch and where torch looks for it
+    with pytest.raises(FileNotFoundError, match=r"resnet18-.*\.pth.*put\s+it at .*checkpoints"):
         build_backbone("resnet18", pretrained=True)
     assert len(calls) == 1 and "resnet18" in calls[0]
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+@pytest.mark.parametrize(("name", "channels", "stem"), [("resnet18", (64, 128, 256, 512), 16),
+                                                        ("efficientnet_lite0", (24, 40, 112, 1280), 32)])
+def test_backbone_output_strides(name: str, channels: tuple[int, ...], stem: int, stride: int) -> None:
+    net = build_backbone(name, pretrained=False, output_stride=stride).eval()
+    with torch.no_grad():
+        outs = net.forward_with_stem(torch.zeros(1, 3, 64, 64))
+    last = 64 // stride
+    assert [o.shape[1] for o in outs[1:]] == list(channels) == list(net.channels)
+    assert outs[0].shape[1] == net.stem_channels
+    assert [tuple(o.shape[2:]) for o in outs[1:]] == [(16, 16), (8, 8), (last, last), (last, last)]
+    assert outs[0].shape[-1] == stem  # ResNet's stem ends at stride 4 (max-pool), Lite0's at 2
+
+
+def test_backbone_refuses_other_output_strides() -> None:
+    with pytest.raises(ValueError, match="output_stride"):
+        build_backbone("resnet18", output_stride=32)
+
+
+def test_freezing_stops_gradients_and_fixes_batchnorm() -> None:
+    torch.manual_seed(0)
+    net = build_backbone("resnet18").set_frozen(freeze_stages=2, freeze_bn=True).train()
+    bn = net.stages[3][0].bn1
+    before = bn.running_mean.clone()
+    net(torch.randn(2, 3, 64, 64))[3].sum().backward()
+    torch.testing.assert_close(bn.running_mean, before)  # statistics never updated in train()
+    assert not bn.training
+    assert all(p.grad is None and not p.requires_grad for p in net.stages[:2].parameters())
+    assert all(p.grad is not None for p in net.stages[2:].parameters())
+    with pytest.raises(ValueError, match="freeze_stages"):
+        net.set_frozen(4)
 
 
 # -- CAMNet ------------------------------------------------------------------------------------------
@@ -93,7 +127,8 @@ def test_gradients_reach_backbone_and_heads(method: str) -> None:
     net.zero_grad(set_to_none=True)
     out = net(images(seed=2), LABELS)
     out["loss"].backward()
-    for param in (net.backbone.stem[0].weight, net.backbone.layer4[-1].conv2.weight, net.classifier.weight):
+    stem, layer3, layer4 = net.backbone.stages[0][0], net.backbone.stages[2], net.backbone.stages[3]
+    for param in (stem[0].weight, layer4[-1].conv2.weight, net.classifier.weight):
         assert param.grad is not None and param.grad.abs().sum() > 0
     if method != "cam":
         assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in net.side)
@@ -101,7 +136,7 @@ def test_gradients_reach_backbone_and_heads(method: str) -> None:
         net.zero_grad(set_to_none=True)
         net(images(seed=3), LABELS)["loss_self"].backward()
         assert net.classifier.weight.grad.abs().sum() > 0
-        assert net.backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
+        assert layer3[0].conv1.weight.grad.abs().sum() > 0
 
 
 def test_bank_is_filled_after_pacam_and_only_in_training() -> None:

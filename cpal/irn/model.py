@@ -1,7 +1,7 @@
 """IRN's class-boundary branch on a frozen ResNet (Ahn et al., CVPR 2019, section 3.1).
 
-Five 1x1 side branches (32 channels, GroupNorm, ReLU) read the stem (after max-pooling, stride 4) and
-layer1..layer4 of the backbone; the deeper ones are upsampled bilinearly to the stride-4 grid; one 1x1
+Five 1x1 side branches (32 channels, GroupNorm, ReLU) read the stem (ResNet: after max-pooling, stride 4;
+EfficientNet: stride 2) and the four stages of the backbone; all are resized bilinearly to the stride-4 grid; one 1x1
 convolution fuses the 160 channels into a boundary logit. The backbone stays frozen (no gradients,
 BatchNorm in eval mode), as in the paper. The stride-4 grid of an H x W input is ceil(H/4) x ceil(W/4).
 
@@ -21,15 +21,14 @@ from torch import nn
 from cpal.models.backbone import Backbone, build_backbone
 from cpal.training import CheckpointError, load_checkpoint
 
-STEM_CHANNELS = 64  # every torchvision ResNet's stem width
 HEAD_CHANNELS = 32
 HEAD_GROUPS = 4
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*`, output_stride in meta
 STRIDE = 4
 
 
 def grid_size(height: int, width: int) -> tuple[int, int]:
-    """The boundary grid of an image: ResNet's stem (conv stride 2, max-pool stride 2) gives ceil(x / 4)."""
+    """The boundary grid of an image: the first stage's stride-4 output, ceil(x / 4) for every backbone."""
     return math.ceil(height / STRIDE), math.ceil(width / STRIDE)
 
 
@@ -41,7 +40,7 @@ class BoundaryNet(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        widths = (STEM_CHANNELS, *backbone.channels)
+        widths = (backbone.stem_channels, *backbone.channels)
         self.side = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, HEAD_CHANNELS, 1, bias=False), nn.GroupNorm(HEAD_GROUPS, HEAD_CHANNELS))
             for c in widths)
@@ -59,15 +58,10 @@ class BoundaryNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"BoundaryNet: images must be (B, 3, H, W), got {tuple(images.shape)}")
         with torch.no_grad():
-            bb = self.backbone
-            stem = bb.stem(images)
-            x1 = bb.layer1(stem)
-            x2 = bb.layer2(x1)
-            x3 = bb.layer3(x2)
-            x4 = bb.layer4(x3)
-        size = stem.shape[2:]
+            feats = self.backbone.forward_with_stem(images)
+        size = feats[1].shape[2:]
         parts = []
-        for branch, x in zip(self.side, (stem, x1, x2, x3, x4), strict=True):
+        for branch, x in zip(self.side, feats, strict=True):
             y = branch(x)
             if y.shape[2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
@@ -90,7 +84,7 @@ def classifier_backbone(path: str | Path) -> tuple[Backbone, str]:
     name = meta.get("backbone")
     if not isinstance(state, dict) or not isinstance(name, str):
         raise CheckpointError(f"{path}: not a train_cls checkpoint (needs meta.backbone and model)")
-    backbone = build_backbone(name, pretrained=False)
+    backbone = build_backbone(name, pretrained=False, output_stride=meta.get("output_stride", 16))
     prefix = "backbone."
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
@@ -100,9 +94,10 @@ def classifier_backbone(path: str | Path) -> tuple[Backbone, str]:
     return backbone, name
 
 
-def irn_meta(backbone: str, backbone_from: str, radius: int) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "kind": "irn_boundary", "backbone": backbone,
-            "backbone_from": backbone_from, "train_radius": radius, "stride": STRIDE}
+def irn_meta(backbone: Backbone, backbone_from: str, radius: int) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "kind": "irn_boundary", "backbone": backbone.name,
+            "output_stride": backbone.output_stride, "backbone_from": backbone_from, "train_radius": radius,
+            "stride": STRIDE}
 
 
 def load_boundary_net(path: str | Path, device: torch.device) -> BoundaryNet:
@@ -112,6 +107,6 @@ def load_boundary_net(path: str | Path, device: torch.device) -> BoundaryNet:
     if meta.get("kind") != "irn_boundary" or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an IRN boundary checkpoint of format {CHECKPOINT_FORMAT} "
                               f"(meta {meta!r}); rerun train_irn")
-    model = BoundaryNet(build_backbone(meta["backbone"], pretrained=False))
+    model = BoundaryNet(build_backbone(meta["backbone"], pretrained=False, output_stride=meta["output_stride"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -112,7 +112,7 @@ def build_boundary_net(params: dict[str, Any], classifier: Path | None) -> tuple
         backbone, name = classifier_backbone(classifier)
     elif source == "imagenet":
         name = params["train_cls"]["backbone"]
-        backbone = build_backbone(name, pretrained=True)
+        backbone = build_backbone(name, pretrained=True, output_stride=params["train_cls"]["output_stride"])
     else:
         raise ValueError(f"irn.backbone_from = {source!r} is not one of classifier | imagenet")
     return BoundaryNet(backbone), name
@@ -137,7 +137,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     total_steps = steps_per_epoch * cfg["epochs"]
     index = PathIndex.of(cfg["radius"])
 
-    model, backbone_name = build_boundary_net(params, classifier)
+    model, _ = build_boundary_net(params, classifier)
     model = model.to(device)
     optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
@@ -145,7 +145,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     sources = [label_dir / f"{i}.png" for i in dataset.ids] + ([classifier] if classifier else [])
     fingerprint = config_fingerprint({k: cfg[k] for k in TRAIN_KEYS}, run["seed"], dataset.ids,
                                      inputs_stamp(sources), params["train_cls"]["backbone"])
-    meta = irn_meta(backbone_name, cfg["backbone_from"], cfg["radius"])
+    meta = irn_meta(model.backbone, cfg["backbone_from"], cfg["radius"])
 
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     state = load_resume(resume_path, fingerprint, stateful, device, log)

