@@ -37,13 +37,14 @@ from cpal.training import (
     write_training_outputs,
 )
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*`, output_stride in meta
 
 
 def build_model(params: dict[str, Any], num_classes: int) -> CAMNet:
     """The classifier of params `train_cls` for `num_classes` foreground classes."""
     cfg = params["train_cls"]
-    return CAMNet(num_classes, backbone=cfg["backbone"], pretrained=cfg["pretrained"], method_cfg=params["params"])
+    return CAMNet(num_classes, backbone=cfg["backbone"], pretrained=cfg["pretrained"], method_cfg=params["params"],
+                  output_stride=cfg["output_stride"], freeze_stages=cfg["freeze_stages"], freeze_bn=cfg["freeze_bn"])
 
 
 def model_meta(params: dict[str, Any], dataset: VOCDataset) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def model_meta(params: dict[str, Any], dataset: VOCDataset) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "method": params["params"]["method"],
         "backbone": params["train_cls"]["backbone"],
+        "output_stride": params["train_cls"]["output_stride"],
         "num_classes": dataset.num_classes - 1,
         "classes": dataset.classes,
         "params": params["params"],
@@ -60,7 +62,7 @@ def model_meta(params: dict[str, Any], dataset: VOCDataset) -> dict[str, Any]:
 
 def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
     """A checkpoint made with another method, backbone or class count is refused with a reason."""
-    for key in ("method", "backbone", "num_classes"):
+    for key in ("method", "backbone", "output_stride", "num_classes"):
         if meta.get(key) != expected[key]:
             raise CheckpointError(
                 f"{path} was trained with {key} = {meta.get(key)!r}, but the current settings need "
@@ -196,10 +198,11 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and ctx.is_main),
                    leave=False)
-        for step, (images, targets, _) in enumerate(bar):
+        for step, (images, targets, valid, _) in enumerate(bar):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            valid = valid.to(device, non_blocking=True) if cfg["mask_padding"] else None
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                out = net(images, targets)
+                out = net(images, targets, valid)
             loss = out["loss"]
             n = images.shape[0]
             if ctx.distributed and n * ctx.world_size != batches.global_size(step):
@@ -207,6 +210,9 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
                 loss = loss * (n * ctx.world_size / batches.global_size(step))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if cfg["grad_clip"] > 0:  # SIPE clips the gradient norm at 1
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

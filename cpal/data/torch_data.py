@@ -27,15 +27,19 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def random_scale_flip_crop(
     image: torch.Tensor, rng: np.random.Generator, scale_range: tuple[float, float], crop: int
-) -> torch.Tensor:
-    """Random rescale (factor of the long side to `crop`), horizontal flip, random crop / zero-pad."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rescale (factor of the long side to `crop`), horizontal flip, random crop / zero-pad.
+
+    Returns the crop and its valid-pixel mask (crop, crop) bool, false on padding."""
     _, h, w = image.shape
     factor = rng.uniform(*scale_range) * crop / max(h, w)
     nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     if rng.random() < 0.5:
         image = image.flip(-1)
-    return random_crop_pad(image, rng, crop)[0]
+    ones = torch.ones(image.shape[-2:], dtype=torch.uint8)
+    out, valid = random_crop_pad(image, rng, crop, label=ones, ignore_index=0)
+    return out, valid.bool()
 
 
 def random_crop_pad(image: torch.Tensor, rng: np.random.Generator, crop: int, label: torch.Tensor | None = None,
@@ -57,7 +61,7 @@ def random_crop_pad(image: torch.Tensor, rng: np.random.Generator, crop: int, la
 
 
 class ClassificationData(Dataset):
-    """(image tensor, multi-hot labels, index) with per-(epoch, index) seeded augmentation."""
+    """(image tensor, multi-hot labels, valid-pixel mask, index) with per-(epoch, index) seeded augmentation."""
 
     def __init__(
         self, dataset: VOCDataset, crop: int, scale_range: tuple[float, float], seed: int, cache: bool = True
@@ -84,7 +88,8 @@ class ClassificationData(Dataset):
             self._cache[index] = item
         return item
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         image, target = self._load(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return random_scale_flip_crop(image, rng, self.scale_range, self.crop), target, index
+        crop, valid = random_scale_flip_crop(image, rng, self.scale_range, self.crop)
+        return crop, target, valid, index

@@ -34,13 +34,14 @@ class CAMNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", pretrained: bool = False,
-                 method_cfg: dict[str, Any] | None = None) -> None:
+                 method_cfg: dict[str, Any] | None = None, output_stride: int = 16, freeze_stages: int = 0,
+                 freeze_bn: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"CAMNet: num_classes (foreground classes) must be >= 1, got {num_classes}")
         self.cfg = CPALConfig.from_dict(method_cfg)
         self.num_classes = num_classes
-        self.backbone = build_backbone(backbone, pretrained)
+        self.backbone = build_backbone(backbone, pretrained, output_stride).set_frozen(freeze_stages, freeze_bn)
         self.side = nn.ModuleList(nn.Conv2d(c, s, 1, bias=False)
                                   for c, s in zip(self.backbone.channels, SIDE_CHANNELS, strict=True))
         self.classifier = nn.Conv2d(self.backbone.channels[3], num_classes, 1, bias=False)
@@ -92,12 +93,19 @@ class CAMNet(nn.Module):
         v = valid if valid.dim() == 4 else valid.unsqueeze(1)
         return F.interpolate(v.float(), size=size, mode="nearest") > 0.5
 
-    def _prototype_maps(self, cam: torch.Tensor, feats: torch.Tensor, present_all: torch.Tensor,
+    def _prototype_maps(self, cam: torch.Tensor, stages: tuple[torch.Tensor, ...], present_all: torch.Tensor,
                         valid: torch.Tensor | None, use_context: bool, align: bool | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Raw PACAM (B, N+1, h, w), seeds, instance prototypes, their validity (B, N+1) and, in DDP
-        training, the global batch's per-class prototype means (else None)."""
-        seeds = seeds_from_cam(cam, present_all, valid)
+        training, the global batch's per-class prototype means (else None).
+
+        Structure-aware seeds correlate the last stage's features (SIPE does so in training; its
+        inference uses the side features instead, a mismatch we do not copy)."""
+        feats = self.hierarchical_features(stages)
+        sem = stages[3] if self.cfg.seed_mode == "structure" else None
+        if sem is not None and sem.shape[2:] != cam.shape[2:]:
+            sem = F.interpolate(sem, size=cam.shape[2:], mode="bilinear", align_corners=False)
+        seeds = seeds_from_cam(cam, present_all, valid, features=sem, bg_scale=self.cfg.seed_bg_scale)
         inst, counts = instance_prototypes(feats, seeds, cam.shape[1])
         ok = present_all & (counts > 0)
         means = None
@@ -138,8 +146,7 @@ class CAMNet(nn.Module):
             return out
 
         present_all = F.pad(present, (1, 0), value=True)
-        feats = self.hierarchical_features(stages)
-        raw, seeds, inst, ok, means = self._prototype_maps(cam, feats, present_all, grid_valid,
+        raw, seeds, inst, ok, means = self._prototype_maps(cam, stages, present_all, grid_valid,
                                                            use_context=self.cfg.method == "cpal", align=None)
         pacam = normalize_maps(raw)
         loss_self = self_loss(cam, pacam, present_all, grid_valid)
@@ -183,8 +190,7 @@ class CAMNet(nn.Module):
         cam = cam_with_background(raw_cam, present)
         present_all = F.pad(present, (1, 0), value=True)
         use_context = self.cfg.method == "cpal" if context is None else context
-        raw = self._prototype_maps(cam, self.hierarchical_features(stages), present_all, None,
-                                   use_context=use_context, align=align)[0]
+        raw = self._prototype_maps(cam, stages, present_all, None, use_context=use_context, align=align)[0]
         if normalize:
             return normalize_maps(cam_fg), normalize_maps(raw)
         return cam_fg, raw

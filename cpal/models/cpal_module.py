@@ -36,6 +36,8 @@ class CPALConfig:
     use_alignment: bool = True
     use_positiveness: bool = True
     center_features: bool = True
+    seed_mode: str = "argmax"
+    seed_bg_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None, where: str = "params") -> CPALConfig:
@@ -78,10 +80,30 @@ def cam_with_background(raw_cam: torch.Tensor, present: torch.Tensor,
     return torch.cat([bg, fg], dim=1)
 
 
-def seeds_from_cam(cam: torch.Tensor, present_all: torch.Tensor,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Seeds S (B, h, w): argmax of M over background and present classes; -1 on invalid pixels."""
-    scores = cam.detach().masked_fill(~present_all[:, :, None, None], float("-inf"))
+def structure_scores(cam: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """SIPE's structure-aware seed scores (B, K, h, w): per pixel i and map k, the IoU between the map
+    and pixel i's feature-correlation map, sum_j c_ij m_kj / (sum_j c_ij + sum_j m_kj - sum_j c_ij m_kj),
+    with c_ij = ReLU(cos(f_i, f_j)). A pixel joins the class whose whole region it resembles, not only
+    the class that fires on it, which spreads seeds over object parts the CAM misses."""
+    f = F.normalize(features.detach().flatten(2).float(), dim=1, eps=EPS)
+    corr = F.relu(torch.einsum("bci,bcj->bij", f, f))  # (B, hw, hw)
+    m = cam.detach().flatten(2).float()  # (B, K, hw)
+    inter = torch.einsum("bij,bkj->bki", corr, m)
+    union = corr.sum(dim=2)[:, None, :] + m.sum(dim=2)[:, :, None] - inter
+    return (inter / union.clamp(min=EPS)).view_as(cam)
+
+
+def seeds_from_cam(cam: torch.Tensor, present_all: torch.Tensor, valid: torch.Tensor | None = None,
+                   features: torch.Tensor | None = None, bg_scale: float = 1.0) -> torch.Tensor:
+    """Seeds S (B, h, w): argmax over background and present classes; -1 on invalid pixels.
+
+    Scores are the CAM M itself, or with ``features`` (B, C, h, w) SIPE's structure-aware scores
+    (:func:`structure_scores`); the background score is multiplied by ``bg_scale`` first (SIPE: 0.5).
+    """
+    scores = cam.detach() if features is None else structure_scores(cam, features).to(cam.dtype)
+    if bg_scale != 1.0:
+        scores = torch.cat([scores[:, :1] * bg_scale, scores[:, 1:]], dim=1)
+    scores = scores.masked_fill(~present_all[:, :, None, None], float("-inf"))
     seeds = scores.argmax(dim=1)
     if valid is not None:
         seeds = seeds.masked_fill(~valid[:, 0].bool(), -1)
