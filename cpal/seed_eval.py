@@ -1,7 +1,9 @@
 """Seed evaluation (stage `eval_seeds`): mIoU of CAM and PACAM seeds over a background-threshold sweep.
 
 Prototype maps peak high (DESIGN section 11: the best prototype threshold sat at 0.9), so the sweep
-reaches 0.95 by default. Uses ground-truth masks: evaluation only, never model selection.
+reaches 0.95 by default. The sweep picks its threshold with ground truth, which flatters every map; so
+for prototype maps the protocol SIPE reports is also given, as `pacam_argmax`: the argmax over the
+map's own background channel and the classes, no threshold. Evaluation only, never model selection.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from tqdm import tqdm
 
 from cpal.data.voc import VOCDataset
 from cpal.metrics import ConfusionMatrix
-from cpal.seed_io import MAP_KEYS, check_complete, load_seeds, seed_path
+from cpal.seed_io import BACKGROUND_KEY, MAP_KEYS, check_complete, labels_with_background, load_seeds, seed_path
 
 
 def thresholds_from(cfg: dict[str, Any]) -> np.ndarray:
@@ -25,12 +27,14 @@ def thresholds_from(cfg: dict[str, Any]) -> np.ndarray:
 
 def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, log: logging.Logger,
                    progress: bool = True) -> dict[str, Any]:
-    """Per map kind: mIoU for each threshold, the best threshold and its per-class scores."""
+    """Per map kind: mIoU for each threshold, the best threshold and its per-class scores; for prototype
+    maps with a background channel also `pacam_argmax` (SIPE's protocol, no threshold)."""
     if not dataset.has_masks():
         raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks to evaluate seeds")
     check_complete(seed_dir, dataset.ids)
     n = dataset.num_classes
     matrices: dict[str, list[ConfusionMatrix]] = {}
+    argmax_cm: ConfusionMatrix | None = None
     for image_id in tqdm(dataset.ids, desc="eval_seeds", disable=not progress):
         gt = dataset.mask(image_id)
         seeds = load_seeds(seed_path(seed_dir, image_id), expected_size=gt.shape)
@@ -46,6 +50,9 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
                 peak, best = np.zeros(gt.shape, np.float32), np.zeros(gt.shape, np.int64)
             for cm, t in zip(cms, thresholds, strict=True):
                 cm.update(np.where(peak >= t, best, 0), gt)
+        if "pacam" in seeds and BACKGROUND_KEY in seeds:
+            argmax_cm = argmax_cm or ConfusionMatrix(n)
+            argmax_cm.update(labels_with_background(seeds["pacam"], seeds[BACKGROUND_KEY], keys), gt)
     results: dict[str, Any] = {"thresholds": thresholds.tolist(), "split": dataset.split, "images": len(dataset)}
     for kind, cms in matrices.items():
         curve = [cm.scores()["miou"] for cm in cms]
@@ -60,6 +67,14 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
             "per_class_recall": {k: v["recall"] for k, v in scores["per_class"].items()},
         }
         log.info("%s seeds: mIoU %.4f at background threshold %.2f", kind, scores["miou"], thresholds[best])
+    if argmax_cm is not None:
+        scores = argmax_cm.scores(dataset.classes)
+        results["pacam_argmax"] = {
+            "miou": scores["miou"],
+            "protocol": "argmax over the prototype map's own background channel and the classes (SIPE)",
+            "per_class_iou": {k: v["iou"] for k, v in scores["per_class"].items()},
+        }
+        log.info("pacam seeds, SIPE protocol (own background, no threshold): mIoU %.4f", scores["miou"])
     return results
 
 

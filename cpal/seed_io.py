@@ -2,8 +2,10 @@
 
 Keys: `cam` and, for prototype methods, `pacam`: (C, H, W) float16 in [0, 1] at the image's full
 resolution, one channel per image-level (foreground) class; `keys`: (C,) int64 dataset class ids of
-those channels (1..N-1); background is NOT included (it comes from a threshold at evaluation or from
-the refinement stages); `size`: (2,) int64 image (height, width).
+those channels (1..N-1); background is NOT in these maps (it comes from a threshold at evaluation or
+from the refinement stages); `size`: (2,) int64 image (height, width). Prototype methods also store
+`pacam_bg`: (H, W) float16 in [0, 1], the prototype map of the background prototype, which SIPE's own
+seed protocol uses as the background score (argmax over background and classes, no threshold).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from cpal.io import atomic_path
 
 MAP_KEYS = ("cam", "pacam")
+BACKGROUND_KEY = "pacam_bg"
 
 
 class SeedError(ValueError):
@@ -29,10 +32,11 @@ def save_seeds(path: str | os.PathLike[str], keys: np.ndarray, size: tuple[int, 
                maps: dict[str, np.ndarray]) -> None:
     arrays = {"keys": np.asarray(keys, dtype=np.int64), "size": np.asarray(size, dtype=np.int64)}
     for name, value in maps.items():
-        if name not in MAP_KEYS:
-            raise ValueError(f"unknown seed map {name!r}; allowed: {MAP_KEYS}")
-        if value.shape != (len(keys), *size):
-            raise ValueError(f"{path}: map {name} has shape {value.shape}, expected {(len(keys), *size)}")
+        if name not in (*MAP_KEYS, BACKGROUND_KEY):
+            raise ValueError(f"unknown seed map {name!r}; allowed: {(*MAP_KEYS, BACKGROUND_KEY)}")
+        want = tuple(size) if name == BACKGROUND_KEY else (len(keys), *size)
+        if value.shape != want:
+            raise ValueError(f"{path}: map {name} has shape {value.shape}, expected {want}")
         arrays[name] = value.astype(np.float16)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -75,6 +79,8 @@ def load_seeds(path: str | os.PathLike[str], expected_size: tuple[int, int] | No
         if name in data and data[name].shape != (len(data["keys"]), *size):
             raise SeedError(f"{path}: map {name} has shape {data[name].shape}, expected "
                             f"{(len(data['keys']), *size)}")
+    if BACKGROUND_KEY in data and data[BACKGROUND_KEY].shape != size:
+        raise SeedError(f"{path}: map {BACKGROUND_KEY} has shape {data[BACKGROUND_KEY].shape}, expected {size}")
     return data
 
 
@@ -91,6 +97,12 @@ def labels_from_maps(maps: np.ndarray, keys: np.ndarray, bg_threshold: float) ->
     label = np.asarray(keys, dtype=np.uint8)[best]
     label[maps.max(axis=0) < bg_threshold] = 0
     return label
+
+
+def labels_with_background(maps: np.ndarray, background: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """SIPE's seed protocol: argmax over the map's own background channel and the classes' maps."""
+    scores = np.concatenate([background[None].astype(np.float32), maps.astype(np.float32)])
+    return np.concatenate([[0], np.asarray(keys)]).astype(np.uint8)[scores.argmax(axis=0)]
 
 
 def check_complete(seed_dir: str | os.PathLike[str], ids: list[str]) -> None:

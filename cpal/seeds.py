@@ -32,7 +32,7 @@ from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.io import inputs_stamp, partial_folder, publish_folder
 from cpal.models.cam_net import CAMNet
-from cpal.seed_io import save_seeds, seed_path
+from cpal.seed_io import BACKGROUND_KEY, save_seeds, seed_path
 from cpal.training import config_fingerprint
 
 
@@ -48,7 +48,7 @@ def _size_batches(dataset: VOCDataset, batch_size: int) -> list[list[str]]:
 def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, scales: list[float],
                     flip: bool, align: bool = False, context: bool | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed raw CAM (B, N, H, W) and PACAM (B, N, H, W, foreground only) at the input resolution.
+    """Summed raw CAM (B, N, H, W) and PACAM (B, N+1, H, W; background first) at the input resolution.
 
     `context` None: the method's own choice (the bank for cpal); False: instance prototypes only.
     """
@@ -60,7 +60,7 @@ def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, s
         views = [x, x.flip(-1)] if flip else [x]
         for v, view in enumerate(views):
             cam, pacam = model.infer(view, labels, align=align, context=context)
-            maps = [cam] if pacam is None else [cam, pacam[:, 1:]]
+            maps = [cam] if pacam is None else [cam, pacam]
             maps = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
             if v == 1:
                 maps = [m.flip(-1) for m in maps]
@@ -113,7 +113,9 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
             keys = dataset.labels(image_id)
             maps = {"cam": _normalise_present(cam[b], keys)}
             if pacam is not None:
-                maps["pacam"] = _normalise_present(pacam[b], keys)
+                maps["pacam"] = _normalise_present(pacam[b, 1:], keys)
+                bg = pacam[b, 0]
+                maps[BACKGROUND_KEY] = (bg / bg.max().clamp_min(1e-5)).clamp_(0, 1).cpu().numpy()
             save_seeds(seed_path(partial, image_id), keys, tuple(images.shape[2:]), maps)
             done += 1
         bar.update(len(ids))
