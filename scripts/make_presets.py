@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VOC12 = {
     "params": {"bank_size": 1000},
     "data": {"source": "voc12", "dir": "data/voc12", "voc12": {"root": None, "download_dir": "data/downloads"}},
-    "train_cls": {"backbone": "resnet50", "pretrained": True, "epochs": 5, "batch_size": 16, "optimizer": "sgd",
+    "train_cls": {"backbone": "resnet50", "pretrained": True, "output_stride": 16, "freeze_stages": 2,
+                  "freeze_bn": True, "grad_clip": 1.0, "mask_padding": True, "epochs": 5, "batch_size": 16,
+                  "optimizer": "sgd",
                   "lr": 0.1, "new_layer_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 1.0e-4, "warmup_steps": 0,
                   "crop_size": 512, "scale_range": [0.625, 1.25], "cache_images": False, "train_split": "train_aug",
                   "val_split": "val"},
