@@ -73,6 +73,19 @@ def test_snakemake_plans_every_rule(clone: Path, configfile: str | None) -> None
     assert planned == set(_stages()) | {"all"}, sorted(set(_stages()) - planned)
 
 
+def test_every_declared_output_is_git_ignored(clone: Path) -> None:
+    """What a stage writes must never be committable (DVC caches it instead); results/reference/ is."""
+    outs = []
+    for stage in yaml.safe_load((clone / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            outs += [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(kind) or []]
+    outs = [o.replace("${data.dir}", "data/embedded") for o in outs]
+    res = subprocess.run(["git", "check-ignore", "--no-index", *outs], cwd=clone, capture_output=True, text=True)
+    assert set(res.stdout.split()) == set(outs)
+    res = subprocess.run(["git", "check-ignore", "--no-index", "results/reference/report.md"], cwd=clone)
+    assert res.returncode == 1  # not ignored
+
+
 def test_dvc_status_lists_every_stage(clone: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, capture_output=True,
                          text=True)
