@@ -34,7 +34,7 @@ def run_method(method: str, work: Path, cores: int) -> Path:
         subprocess.run(["tar", "-x", "-C", str(ws)], input=archive, check=True)
         (ws / "override.yaml").write_text(f"params:\n  method: {method}\n")
         t0 = time.perf_counter()
-        # the archive holds the committed results/: force the targets' whole DAG; targets go before
+        # force the targets' whole DAG (a fresh workspace, but never trust what an archive holds); targets go before
         # --configfile, which takes every following word as a config file
         subprocess.run([sys.executable, "-m", "snakemake", *TARGETS, "--forceall", "--cores", str(cores),
                         "--configfile", "override.yaml"], cwd=ws, check=True)

@@ -53,7 +53,7 @@ def fresh_copy(dest: Path) -> Path:
     dest.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    for stale in ("results", "outputs", "data"):  # the archive holds the committed results/
+    for stale in ("results", "outputs", "data"):  # committed tables and reference run: not this run's
         shutil.rmtree(dest / stale, ignore_errors=True)
     return dest
 

@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from cpal.runtime import stage_loggers
+
 RELAUNCH_ENV = "CPAL_TORCHRUN_RELAUNCHED"
 
 
@@ -404,15 +406,18 @@ def rank_logging(log: logging.Logger, log_path: str | os.PathLike[str] | None) -
     Rank 0 logs INFO to stderr and to ``log_path``, appended when the stage relaunched itself (the
     parent's "started" line stays first); other ranks log warnings and errors to stderr only.
     """
+    targets = stage_loggers(log)  # the library's messages follow the stage's (cpal.runtime.setup_logging)
     if env_rank() != 0:
-        log.setLevel(logging.WARNING)
+        for target in targets:
+            target.setLevel(logging.WARNING)
         return log
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         mode = "a" if os.environ.get(RELAUNCH_ENV) else "w"
         handler = logging.FileHandler(log_path, mode=mode)
         handler.setFormatter(log.handlers[0].formatter if log.handlers else None)
-        log.addHandler(handler)
+        for target in targets:
+            target.addHandler(handler)
     return log
 
 

@@ -1,10 +1,16 @@
 """DVC experiments as a result table: `dvc exp show --json` -> one row per experiment, plot per swept param.
 
 A metric counts only where the experiment actually produced it. `dvc exp run ... eval_crf` (a target)
-leaves later result files (results/eval_seg.json, ...) as the baseline commit had them; reporting those
-against the experiment's params would be wrong. So a metric is kept only if the experiment's dvc.lock
-records the stage that writes the file with the same params the experiment ran with; otherwise it is
-left empty and named in the `stale` column.
+leaves later result files (results/eval_seg.json, ...) as the workspace had them; reporting those
+against the experiment's params would be wrong, and the params alone cannot tell (train_seg declares no
+`params` section, yet reads pseudo-masks made with `params.K`). So a metric is kept only if, in the
+experiment's dvc.lock, the stage that wrote the file and every stage upstream of it are up to date:
+each dep produced by another stage carries the hash that stage recorded for that output, and each
+stage's recorded params equal the experiment's. Otherwise it is left empty and named in `stale`.
+
+Two rows are not experiments: the baseline commit, labelled "(committed)" (numbers only where the
+commit's own dvc.lock vouches for them; pipeline results are not committed, so usually none), and
+`workspace`, the user's working copy (its dvc.lock and result files, e.g. after `dvc repro`).
 """
 
 from __future__ import annotations
@@ -53,10 +59,16 @@ def run_exp_show(repo: Path) -> list[dict[str, Any]]:
     return json.loads(out.stdout)
 
 
+WORKSPACE = "workspace"
+
+
 def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
-    """Reads dvc.lock as committed at a revision (None where the revision has none)."""
+    """Reads dvc.lock as committed at a revision, or on disk for "workspace" (None where there is none)."""
 
     def read(rev: str) -> dict[str, Any] | None:
+        if rev == WORKSPACE:
+            path = Path(repo) / "dvc.lock"
+            return yaml.safe_load(path.read_text()) if path.is_file() else None
         out = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
         return yaml.safe_load(out.stdout) if out.returncode == 0 else None
 
@@ -82,26 +94,56 @@ def _dig(data: Any, keys: tuple[str, ...]) -> float | None:
     return float(data) if isinstance(data, int | float) and not isinstance(data, bool) else None
 
 
+def _hash(entry: dict[str, Any]) -> str | None:
+    """The content hash dvc.lock records for a dep or out (md5 for local files and folders)."""
+    for key in ("md5", "etag", "checksum"):
+        if entry.get(key):
+            return str(entry[key])
+    return None
+
+
 def _fresh(path: str, lock: dict[str, Any] | None, params: dict[str, Any]) -> bool:
-    """True if the lock names the stage that wrote `path`, recorded with these params."""
+    """True if the lock names the stage that wrote `path` and it is up to date along its whole upstream
+    chain: every stage on it recorded with these params, every dep with the hash its producer recorded."""
     if lock is None:
         return False
-    for stage in (lock.get("stages") or {}).values():
-        if any(out.get("path") == path for out in stage.get("outs") or []):
+    stages = lock.get("stages") or {}
+    producers = {out.get("path"): (name, out) for name, stage in stages.items() for out in stage.get("outs") or []}
+    if path not in producers:
+        return False
+    verdict: dict[str, bool] = {}
+
+    def up_to_date(name: str) -> bool:
+        if name not in verdict:
+            verdict[name] = False  # a cycle (not a valid DAG) is not fresh
+            stage = stages[name]
             recorded = (stage.get("params") or {}).get(PARAMS_FILE) or {}
-            return all(params.get(section) == value for section, value in recorded.items())
-    return False
+            ok = all(params.get(section) == value for section, value in recorded.items())
+            for dep in (stage.get("deps") or []) if ok else []:
+                producer = producers.get(dep.get("path"))
+                if producer is None:  # code or raw input: no stage to be stale against
+                    continue
+                upstream, out = producer
+                if _hash(dep) is None or _hash(dep) != _hash(out) or not up_to_date(upstream):
+                    ok = False
+                    break
+            verdict[name] = ok
+        return verdict[name]
+
+    return up_to_date(producers[path][0])
 
 
 def _rows(exp_show: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any], str]]:
     """(name, rev, data, state) for the baseline commit(s) and every experiment with data.
 
-    state: "baseline", or the queue's state of the experiment ("success", "queued", "running",
-    "failed"; "success" for experiments run outside the queue).
+    state: "baseline", "workspace", or the queue's state of the experiment ("success", "queued",
+    "running", "failed"; "success" for experiments run outside the queue).
     """
     rows = []
     for commit in exp_show:
-        if commit.get("rev") == "workspace":
+        if commit.get("rev") == WORKSPACE:
+            if commit.get("data"):
+                rows.append((WORKSPACE, WORKSPACE, commit["data"], WORKSPACE))
             continue
         if commit.get("data"):
             rows.append((commit.get("name") or commit["rev"][:7], commit["rev"], commit["data"], "baseline"))
@@ -118,26 +160,31 @@ def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], 
                      metrics: tuple[Metric, ...] = METRICS) -> pd.DataFrame:
     """One row per experiment: changed params (against the first baseline), metrics in percent, stale list.
 
-    The baseline's own values are taken as committed when it has no dvc.lock (results/ kept in git).
+    The baseline commit is named "<name> (committed)" and the working copy "workspace" (both have
+    `baseline` True). Every row, these two included, shows a metric only where its dvc.lock vouches
+    for it (see _fresh): a commit without dvc.lock shows none, whatever result files it holds.
     """
     rows = _rows(exp_show)
-    if not rows:
+    commits = [row for row in rows if row[3] == "baseline"]
+    if not commits:
         raise ValueError("`dvc exp show` lists no commit with params: is this a DVC repository with params.yaml?")
-    base_params = flatten(((rows[0][2].get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {})
+    base_params = flatten(((commits[0][2].get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {})
     records = []
     for name, rev, data, state in rows:
-        is_base = state == "baseline"
+        is_base = state in ("baseline", WORKSPACE)
         params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
         flat = flatten(params)
         lock = read_lock(rev)
-        record: dict[str, Any] = {"experiment": name, "rev": rev[:7], "baseline": is_base, "state": state}
+        label = f"{name} (committed)" if state == "baseline" else name
+        record: dict[str, Any] = {"experiment": label, "rev": "" if state == WORKSPACE else rev[:7],
+                                  "baseline": is_base, "state": state}
         record["changed"] = ", ".join(f"{k}={flat.get(k)}" for k in sorted(flat) if flat.get(k) != base_params.get(k))
         record.update({k: flat.get(k) for k in flat})
         stale = []
         for metric in metrics:
             value = _dig(((data.get("metrics") or {}).get(metric.path) or {}).get("data"), metric.keys)
-            trusted = _fresh(metric.path, lock, params) or (is_base and lock is None)
-            if value is not None and (not trusted or state not in ("baseline", "success")):
+            trusted = _fresh(metric.path, lock, params)
+            if value is not None and (not trusted or state not in ("baseline", WORKSPACE, "success")):
                 stale.append(metric.label)
                 value = None
             record[metric.label] = None if value is None else round(100 * value, 2)
@@ -168,7 +215,8 @@ def sort_rows(table: pd.DataFrame, swept: list[str]) -> pd.DataFrame:
         changed = [p for p in swept if str(row[p]) != str(base.get(p))]
         value = row[changed[0]] if changed else 0
         numeric = _is_number(value)
-        return (not row["baseline"], ",".join(changed), 0 if numeric else 1, value if numeric else str(value))
+        rank = {"baseline": 0, WORKSPACE: 1}.get(row["state"], 2)  # committed, workspace, experiments
+        return (rank, ",".join(changed), 0 if numeric else 1, value if numeric else str(value))
 
     ordered = table.loc[sorted(table.index, key=key)].reset_index(drop=True)
     ordered.attrs = dict(table.attrs)

@@ -6,8 +6,10 @@ come from other papers' tables on PASCAL VOC and are never results of this code.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -161,3 +163,34 @@ def plot_grid(panels: list[tuple[str, list[np.ndarray]]], titles: list[str], out
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def terminal_table(csv_path: str | Path) -> str:
+    """The report's table as plain aligned text (stage, split, mIoU %, stage seconds) from report.csv,
+    so that `bash run.sh` ends by showing the user the numbers their own run produced."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    header = ["stage", "split", "mIoU (%)", "seconds"]
+    cells = [[r["stage"], r["split"], f"{100 * float(r['miou']):.1f}",
+              f"{float(r['seconds']):.0f}" if r.get("seconds") else ""] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, cells)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cpal.report [results/report.csv]`: print the report's table (run.sh calls it last)."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else "results/report.csv")
+    if not path.is_file():
+        print(f"(no {path}: the report stage has not run here)")
+        return 0
+    print(terminal_table(path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,13 +11,24 @@ from pathlib import Path
 
 import numpy as np
 
+# The project's library modules log under this package logger (`logging.getLogger(__name__)`).
+LIBRARY_LOGGER = "cpal"
+
+
+def stage_loggers(logger: logging.Logger) -> list[logging.Logger]:
+    """The stage's own logger and, unless it already is one of them, the library's package logger."""
+    if logger.name == LIBRARY_LOGGER or logger.name.startswith(LIBRARY_LOGGER + "."):
+        return [logger]
+    return [logger, logging.getLogger(LIBRARY_LOGGER)]
+
 
 def setup_logging(log_path: str | os.PathLike[str] | None, name: str) -> logging.Logger:
-    """Log to stderr and, when given, to a per-stage file (Snakemake's `log:`), overwritten per run."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.INFO)
-    logger.handlers.clear()
-    logger.propagate = False
+    """Log to stderr and, when given, to a per-stage file (Snakemake's `log:`), overwritten per run.
+
+    The same handlers go on the `cpal` package logger, so what the library modules log (downloads
+    resuming, extraction, "written to ...") lands in the stage's log with a timestamp instead of
+    reaching stderr bare through logging's last-resort handler, or nowhere below WARNING.
+    """
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
@@ -25,7 +36,14 @@ def setup_logging(log_path: str | os.PathLike[str] | None, name: str) -> logging
         handlers.append(logging.FileHandler(log_path, mode="w"))
     for handler in handlers:
         handler.setFormatter(fmt)
-        logger.addHandler(handler)
+    logger = logging.getLogger(name)
+    targets = stage_loggers(logger)
+    for target in targets:
+        target.setLevel(logging.INFO)
+        target.handlers.clear()
+        target.propagate = False
+        for handler in handlers:
+            target.addHandler(handler)
     return logger
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict) -> Pa
     out = tmp_path_factory.mktemp("tiny") / "data"
     prepare_dataset(out, tiny_params["data"], progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_library_logger():
+    """Stages run in-process attach their log handlers to the `cpal` package logger (and stop it
+    propagating); put it back afterwards so later tests (caplog included) see a clean logger."""
+    logger = logging.getLogger("cpal")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.propagate, logger.level = saved[1], saved[2]

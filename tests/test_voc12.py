@@ -223,8 +223,9 @@ def test_checksum_mismatch_leaves_no_dataset(served):
     srv, cfg, tmp = served
     cfg["voc12"]["checksums"]["sbd"] = "md5:" + "1" * 32
     with pytest.raises(ChecksumError,
-                       match=r"checksum mismatch for benchmark\.tgz.*expected md5:1{32}, got md5:"):
+                       match=r"checksum mismatch for benchmark\.tgz.*expected md5:1{32}, got md5:") as err:
         prepare_voc12(tmp / "out", cfg, progress=False)
+    assert "data.voc12.checksums.sbd" in str(err.value) and "urls" not in str(err.value)  # the key to fix
     assert not (tmp / "out").exists() and staging_leftovers(tmp) == []
     dl = tmp / "dl"
     assert not (dl / "benchmark.tgz").exists() and not (dl / "benchmark.tgz.part").exists()

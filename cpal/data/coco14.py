@@ -173,14 +173,14 @@ def _split_sources(ccfg: dict[str, Any], wanted: list[str], progress: bool) -> t
     common = {"progress": progress, "timeout": ccfg["timeout"], "retries": ccfg["retries"]}
     wanted_json = tuple(f"annotations/instances_{COCO_SPLITS[s]}.json" for s in wanted)
     ann_dir = fetch_and_extract(ccfg["urls"]["annotations"], ccfg["checksums"]["annotations"], download_dir,
-                                include=lambda n: n in wanted_json, hint="data.coco14.urls.annotations",
-                                **common)
+                                include=lambda n: n in wanted_json, url_key="data.coco14.urls.annotations",
+                                checksum_key="data.coco14.checksums.annotations", **common)
     images, anns, origin = {}, {}, {}
     for s in wanted:
         folder = COCO_SPLITS[s]
         ex = fetch_and_extract(ccfg["urls"][s], ccfg["checksums"][s], download_dir,
                                include=lambda n, f=folder: n.startswith(f + "/"),
-                               hint=f"data.coco14.urls.{s}", **common)
+                               url_key=f"data.coco14.urls.{s}", checksum_key=f"data.coco14.checksums.{s}", **common)
         images[s] = ex / folder
         anns[s] = ann_dir / "annotations" / f"instances_{folder}.json"
         origin[s] = f"{filename_from_url(ccfg['urls'][s])} {ccfg['checksums'][s]}"

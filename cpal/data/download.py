@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _HASH_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
 _CHUNK = 1 << 20
+# Network reads return whatever has arrived, at most this much: a stall or a reset then loses nothing
+# that came over the wire (a blocking read of 1 MiB would drop its partly filled buffer).
+_NET_READ = 1 << 16
 EXTRACTED_MARKER = ".cpal-extracted.json"
 
 
@@ -74,6 +77,16 @@ def parse_checksum(spec: str) -> tuple[str, str]:
     return algo, digest
 
 
+def same_checksum(a: str | None, b: str | None) -> bool:
+    """Whether two checksum specs name the same digest: `md5:ABC..`, `md5:abc..` and bare `abc..` agree."""
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        return parse_checksum(a) == parse_checksum(b)
+    except ValueError:  # a malformed spec (e.g. an old marker) equals only itself
+        return a.strip() == b.strip()
+
+
 def file_digest(path: str | os.PathLike[str], algo: str = "md5", progress: bool = False) -> str:
     """Hex digest of a file, read in chunks (archives are gigabytes)."""
     path = Path(path)
@@ -94,8 +107,7 @@ def verify_file(path: str | os.PathLike[str], checksum: str | None, progress: bo
     algo, expected = parse_checksum(checksum)
     got = file_digest(path, algo, progress)
     if got != expected:
-        raise ChecksumError(f"checksum mismatch for {path}: expected {algo}:{expected}, got {algo}:{got}; "
-                            "delete the file and rerun (or fix the configured checksum if the file is right)")
+        raise ChecksumError(f"checksum mismatch for {path}: expected {algo}:{expected}, got {algo}:{got}")
 
 
 def filename_from_url(url: str) -> str:
@@ -106,25 +118,29 @@ def filename_from_url(url: str) -> str:
 
 
 def download(url: str, dest: str | os.PathLike[str], checksum: str | None, *, progress: bool = True,
-             timeout: float = 60.0, retries: int = 3, retry_wait: float = 2.0, hint: str = "") -> Path:
+             timeout: float = 60.0, retries: int = 3, retry_wait: float = 2.0, url_key: str = "",
+             checksum_key: str = "") -> Path:
     """Download `url` to `dest` unless a verified copy is there; resume from `dest.part` when one exists.
 
     `retries` is how many times an interrupted or failed transfer is resumed within this call; if they
-    run out, the `.part` file stays so that the next call resumes it. A freshly downloaded file whose
-    checksum does not match is deleted (resuming it could never fix it) and ChecksumError is raised.
-    `hint` is appended to error messages (e.g. which params key sets the URL).
+    run out, the `.part` file stays so that the next call resumes it. A file whose checksum does not
+    match is deleted (resuming it could never fix it): a stale `dest` is fetched again, a fresh download
+    raises ChecksumError. `url_key` / `checksum_key` name the params keys that set the URL and the
+    checksum, so that each error points at the one to fix.
     """
     dest = Path(dest)
-    suffix = f" ({hint})" if hint else ""
+    url_fix = f" (URL set by {url_key})" if url_key else ""
+    sum_fix = f" (checksum set by {checksum_key})" if checksum_key else ""
     expected = parse_checksum(checksum) if checksum is not None else None  # bad spec: fail before fetching
     if dest.exists():
         try:
             verify_file(dest, checksum, progress)
+            return dest
         except ChecksumError as exc:
-            raise ChecksumError(f"{exc}{suffix}") from None
-        return dest
+            log.warning("%s; deleting it and downloading %s again%s", exc, url, sum_fix)
+            dest.unlink()
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadError(f"cannot download {url!r}: only http and https URLs are supported{suffix}",
+        raise DownloadError(f"cannot download {url!r}: only http and https URLs are supported{url_fix}",
                             retryable=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -137,7 +153,7 @@ def download(url: str, dest: str | os.PathLike[str], checksum: str | None, *, pr
             if attempt >= retries or not exc.retryable:
                 have = part.stat().st_size if part.exists() else 0
                 keep = f"; {have} bytes are kept in {part}: rerun to resume" if have else ""
-                raise DownloadError(f"{exc}{keep}{suffix}") from None
+                raise DownloadError(f"{exc}{keep}{url_fix}") from None
             attempt += 1
             log.warning("%s; resuming (attempt %d of %d)", exc, attempt, retries)
             time.sleep(retry_wait * attempt)
@@ -151,7 +167,7 @@ def download(url: str, dest: str | os.PathLike[str], checksum: str | None, *, pr
             raise ChecksumError(
                 f"checksum mismatch for {dest.name} downloaded from {url}: expected {algo}:{digest}, got "
                 f"{algo}:{got}; the download was deleted. Rerun to fetch it again; if it keeps failing, the "
-                f"server's file or the configured checksum is wrong{suffix}")
+                f"server's file or the configured checksum is wrong{sum_fix}")
     os.replace(part, dest)
     return dest
 
@@ -190,11 +206,13 @@ def _fetch_into(url: str, part: Path, *, progress: bool, timeout: float) -> None
             total = start + int(length)
         written = start
         error = None
+        read = getattr(resp, "read1", resp.read)  # what has arrived, not a full buffer (see _NET_READ)
         with open(part, mode) as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
                                          desc=part.name[: -len(".part")], disable=not progress) as bar:
             try:
-                while chunk := resp.read(_CHUNK):
+                while chunk := read(_NET_READ):
                     f.write(chunk)
+                    f.flush()  # on disk before the next read, which may stall or fail
                     written += len(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as exc:
@@ -247,15 +265,16 @@ def _check_link(archive: Path, root: str, name: str, linkname: str, symbolic: bo
 
 def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
                  include: Callable[[str], bool] | None = None, progress: bool = True,
-                 stamp: dict | None = None) -> Path:
+                 stamp: dict | None = None, replace: bool = False) -> Path:
     """Extract a tar (any compression) or zip archive into the new folder `dest`, all or nothing.
 
     Every member name is checked; `include(relative_name)` picks the members that are written (all when
     None). `stamp`, if given, is written as JSON to `dest/.cpal-extracted.json` before the final rename.
-    On any error the partial folder is removed and `dest` is not created.
+    On any error the partial folder is removed and `dest` is not created. With `replace`, an existing
+    `dest` is swapped out only once the new tree is complete, so a failure leaves it as it was.
     """
     archive, dest = Path(archive), Path(dest)
-    if dest.exists():
+    if dest.exists() and not replace:
         raise FileExistsError(f"{dest} already exists; remove it before extracting {archive.name} again")
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
@@ -272,10 +291,14 @@ def safe_extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
             raise ArchiveError(f"{archive} is neither a tar nor a zip archive (damaged or incomplete?)")
         if stamp is not None:
             Path(tmp, EXTRACTED_MARKER).write_text(json.dumps(stamp, sort_keys=True) + "\n")
-        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
@@ -292,18 +315,34 @@ def _extract_tar(archive: Path, root: str, include: Callable[[str], bool] | None
                 if not name or (include is not None and not include(name)):
                     continue
                 _check_target(archive, root, name)
-                if member.issym() or member.islnk():
-                    link = member.linkname if member.issym() else _clean_member_name(archive, member.linkname)
-                    _check_link(archive, root, name, link, member.issym())
+                if member.issym():
+                    link = member.linkname
+                    _check_link(archive, root, name, link, symbolic=True)
+                elif member.islnk():
+                    link = _hard_link_target(archive, member.name, member.linkname)
+                    _check_link(archive, root, name, link, symbolic=False)
+                original = member.name
                 member.name = name
                 if member.islnk():
                     member.linkname = link
-                tar.extract(member, root, set_attrs=False, **extra)
+                try:
+                    tar.extract(member, root, set_attrs=False, **extra)
+                except getattr(tarfile, "FilterError", ()) as exc:
+                    # its message shows the staging folder's absolute path: name the member instead
+                    raise ArchiveError(f"{archive}: member {original!r} is refused by tarfile's data filter "
+                                       f"({type(exc).__name__}); refusing to extract this archive") from None
                 bar.update()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        if isinstance(exc, getattr(tarfile, "FilterError", ())):
-            raise ArchiveError(f"{archive}: {exc}; refusing to extract this archive") from None
         raise ArchiveError(f"{archive}: unreadable tar archive ({exc}); delete it and rerun") from None
+
+
+def _hard_link_target(archive: Path, name: str, linkname: str) -> str:
+    """A hard link's target as a member path; the error names the link itself, not only its target."""
+    try:
+        return _clean_member_name(archive, linkname)
+    except ArchiveError:
+        raise ArchiveError(f"{archive}: hard link {name!r} -> {linkname!r} leaves the target folder; "
+                           "refusing to extract this archive") from None
 
 
 def _extract_zip(archive: Path, root: str, include: Callable[[str], bool] | None, progress: bool) -> None:
@@ -342,12 +381,14 @@ def archive_stem(name: str) -> str:
 def fetch_and_extract(url: str, checksum: str | None, download_dir: str | os.PathLike[str], *,
                       include: Callable[[str], bool] | None = None, progress: bool = True,
                       timeout: float = 60.0, retries: int = 3, retry_wait: float = 2.0,
-                      hint: str = "") -> Path:
+                      url_key: str = "", checksum_key: str = "") -> Path:
     """Download + verify + extract once: `<download_dir>/<file>` and `<download_dir>/extracted/<stem>/`.
 
     The extracted folder carries a marker naming the archive and checksum; a later call with the same
-    checksum reuses it without touching the network (the archive itself may then be deleted to save
-    disk). A marker with another checksum means the folder is stale: it is removed and rebuilt.
+    digest (however it is written: case, `md5:` prefix) reuses it without touching the network (the
+    archive itself may then be deleted to save disk). A marker with another digest means the folder is
+    stale: it is rebuilt from the new archive and replaced only once that archive is verified and fully
+    extracted, so an unreachable host or a bad download leaves the old folder in place.
     """
     download_dir = Path(download_dir)
     name = filename_from_url(url)
@@ -358,12 +399,18 @@ def fetch_and_extract(url: str, checksum: str | None, download_dir: str | os.Pat
             raise ArchiveError(f"{dest} exists but was not made by this tool (no {EXTRACTED_MARKER}); "
                                "move it away or delete it and rerun")
         info = json.loads(marker.read_text())
-        if info.get("checksum") == checksum and info.get("archive") == name:
+        if info.get("archive") == name and same_checksum(info.get("checksum"), checksum):
             return dest
-        log.warning("%s was extracted from another archive version; extracting again", dest)
-        shutil.rmtree(dest)
-    path = download(url, download_dir / name, checksum, progress=progress, timeout=timeout, retries=retries,
-                    retry_wait=retry_wait, hint=hint)
+        log.warning("%s was extracted from another archive version (%s %s); extracting again, the old "
+                    "folder stays until the new archive is verified and extracted", dest, info.get("archive"),
+                    info.get("checksum"))
+    try:
+        path = download(url, download_dir / name, checksum, progress=progress, timeout=timeout,
+                        retries=retries, retry_wait=retry_wait, url_key=url_key, checksum_key=checksum_key)
+    except (DownloadError, ChecksumError) as exc:
+        if dest.exists():
+            raise type(exc)(f"{exc}; {dest} (from an earlier archive version) was kept") from None
+        raise
     stamp = {"archive": name, "checksum": checksum}
-    safe_extract(path, dest, include=include, progress=progress, stamp=stamp)
+    safe_extract(path, dest, include=include, progress=progress, stamp=stamp, replace=True)
     return dest

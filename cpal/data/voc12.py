@@ -301,12 +301,14 @@ def _resolve_sources(vcfg: dict[str, Any], progress: bool) -> tuple[Path, str, P
     voc_parts = tuple(f"VOCdevkit/VOC2012/{d}/" for d in
                       ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation"))
     voc_dir = fetch_and_extract(vcfg["urls"]["voc"], vcfg["checksums"]["voc"], download_dir,
-                                include=lambda n: n.startswith(voc_parts), hint="data.voc12.urls.voc",
+                                include=lambda n: n.startswith(voc_parts), url_key="data.voc12.urls.voc",
+                                checksum_key="data.voc12.checksums.voc",
                                 **common)
     sbd_parts = ("benchmark_RELEASE/dataset/cls/", "benchmark_RELEASE/dataset/train.txt",
                  "benchmark_RELEASE/dataset/val.txt")
     sbd_dir = fetch_and_extract(vcfg["urls"]["sbd"], vcfg["checksums"]["sbd"], download_dir,
-                                include=lambda n: n.startswith(sbd_parts), hint="data.voc12.urls.sbd",
+                                include=lambda n: n.startswith(sbd_parts), url_key="data.voc12.urls.sbd",
+                                checksum_key="data.voc12.checksums.sbd",
                                 **common)
     origin = {"voc": f"{filename_from_url(vcfg['urls']['voc'])} {vcfg['checksums']['voc']}",
               "masks": f"SBD {filename_from_url(vcfg['urls']['sbd'])} {vcfg['checksums']['sbd']}"}
