@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 
 from cpal.config import load_params, merge, validate_params
@@ -48,7 +49,7 @@ GOALS = (  # (what, (method, map), (method, map), minimum paired gain in points)
 
 def run_one(params: dict, data: Path, work: Path, log: logging.Logger, label: str) -> list[dict]:
     """Train one model and evaluate its seed maps; one row per (map, context) evaluated."""
-    method, seed = params["params"]["method"], params["run"]["seed"]
+    seed = params["run"]["seed"]
     out = work / f"{label}_seed{seed}"
     t0 = time.perf_counter()
     train_classifier(params, data, out, log, progress=False)
@@ -269,10 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-md", default="results/seeds.md")
     p.add_argument("--out-csv", default="results/seeds_benchmark.csv")
     p.add_argument("--fresh", action="store_true", help="ignore runs already in --out-csv")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: run.torch_threads); 1 lets two benchmark processes share "
+                        "2 cores without oversubscribing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("bench")
     base = load_params(args.params)
+    threads = base["run"]["torch_threads"] if args.threads is None else args.threads
+    if threads:
+        torch.set_num_threads(threads)
     if not Path(args.data).is_dir():
         raise SystemExit(f"{args.data}: dataset not found; run `snakemake --cores 2 {args.data}` first")
     rows: list[dict] = []

@@ -143,3 +143,12 @@ def test_valid_mask_marks_padding_and_keeps_it_out_of_seeds() -> None:
     out = net.train()(torch.randn(1, 3, 64, 64), torch.tensor([[1.0, 0.0]]), mask)
     assert (out["seeds"][0, :, 2:] == -1).all() and (out["seeds"][0, :, :2] >= 0).all()
     assert out["cam"][0, 1:, :, 2:].abs().max() == 0
+
+
+def test_sipe_protocol_labels_take_the_own_background_channel() -> None:
+    from cpal.seed_io import labels_with_background
+
+    maps = np.array([[[0.9, 0.2], [0.1, 0.6]], [[0.1, 0.7], [0.2, 0.5]]], dtype=np.float16)  # classes 2 and 5
+    bg = np.array([[0.5, 0.5], [0.8, 0.4]], dtype=np.float16)
+    labels = labels_with_background(maps, bg, np.array([2, 5]))
+    assert labels.tolist() == [[2, 5], [0, 2]]

@@ -116,11 +116,14 @@ def test_seeds_written_and_evaluated(tiny_params: dict, tiny_data: Path, trained
             peaks = seeds[kind].reshape(len(seeds["keys"]), -1).max(axis=1).astype(np.float32)
             # each class map is divided by its maximum; a class the model never activates stays all zero
             assert np.all(np.isclose(peaks, 1.0, atol=1e-3) | (peaks == 0)), peaks
+        bg = seeds["pacam_bg"].astype(np.float32)  # the prototype map's own background, for SIPE's protocol
+        assert bg.shape == ds.image_size(image_id) and bg.min() >= 0 and np.isclose(bg.max(), 1.0, atol=1e-3)
     results = evaluate_seeds(ds, tmp_path / "seeds", thresholds_from(tiny_params["seeds"]), LOG, progress=False)
     for kind in ("cam", "pacam"):
         assert 0 <= results[kind]["miou"] <= 1
         assert len(results[kind]["curve"]) == len(results["thresholds"])
         assert results[kind]["best_threshold"] in results["thresholds"]
+    assert 0 <= results["pacam_argmax"]["miou"] <= 1 and "SIPE" in results["pacam_argmax"]["protocol"]
     # a missing seed file is named; a seed of the wrong size is named
     seed_path(tmp_path / "seeds", ds.ids[3]).unlink()
     with pytest.raises(SeedError, match=ds.ids[3]):
