@@ -26,7 +26,13 @@ from cpal.config import load_params
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.io import write_text
-from cpal.models.cpal_module import cam_with_background, context_prototypes, instance_prototypes, seeds_from_cam
+from cpal.models.cpal_module import (
+    cam_with_background,
+    context_prototypes,
+    instance_prototypes,
+    seeds_from_cam,
+    similarity,
+)
 from cpal.runtime import machine_description
 from cpal.train_cls import load_trained_model
 
@@ -45,7 +51,8 @@ def analyse(model: torch.nn.Module, dataset: VOCDataset, ids: list[str]) -> dict
         cam = cam_with_background(model.classifier(stages[3]), present)
         present_all = F.pad(present, (1, 0), value=True)
         feats = model.hierarchical_features(stages)
-        seeds = seeds_from_cam(cam, present_all, bg_scale=cfg.seed_bg_scale)
+        sem = stages[3] if cfg.seed_mode == "structure" else None  # the seeds the model trained with
+        seeds = seeds_from_cam(cam, present_all, features=sem, bg_scale=cfg.seed_bg_scale)
         inst, counts = instance_prototypes(feats, seeds, cam.shape[1])
         for n in range(1, cam.shape[1]):
             if not present_all[0, n] or counts[0, n] == 0 or (n - 1) not in banks:
@@ -55,12 +62,13 @@ def analyse(model: torch.nn.Module, dataset: VOCDataset, ids: list[str]) -> dict
             pn = F.normalize(p, dim=0)
             own = banks[n - 1] @ pn
             k = min(cfg.K, own.numel())
+            picked = similarity(p[None], model.bank.get(n - 1).float(), cfg.metric)[0].topk(k).indices  # retrieval
             ctx = context_prototypes(p[None], model.bank.get(n - 1).float(), cfg.K, cfg.metric, cfg.temperature,
                                      cfg.tau, cfg.use_positiveness)[0]
             mixed = (1 - cfg.context_weight) * p + cfg.context_weight * ctx
             others = [float((banks[m] @ pn).mean()) for m in banks if m != n - 1]
             stats[name]["nearest"].append(float(own.max()))
-            stats[name]["top_k"].append(float(own.topk(k).values.mean()))
+            stats[name]["top_k"].append(float(own[picked].mean()))
             stats[name]["own_bank"].append(float(own.mean()))
             stats[name]["other_bank_max"].append(max(others) if others else float("nan"))
             stats[name]["instance_vs_context"].append(float(F.cosine_similarity(p, ctx, dim=0)))
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         "Reproduce: `python benchmarks/context_analysis.py "
         + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "`",
         "",
-        "Cosines of an image's instance prototype P^I: to its nearest bank entry, to the mean of its top-K, to",
+        "Cosines of an image's instance prototype P^I: to its nearest bank entry, to the top-K it retrieves",
+        "(ranked by the retrieval metric), to"
         "its own class's bank (mean) and to the closest other class's bank (mean); cosine of P^I to the context",
         "prototype P^C it retrieves; relative move of the PACAM prototype, ||P - P^I|| / ||P^I||; mean pairwise",
         "cosine inside the class's bank. Means over the instances (± std).",

@@ -5,9 +5,11 @@ results/seeds.md and results/seeds_benchmark.csv. Every number in them is measur
 
     python benchmarks/seeds.py --params params.yaml --data data/embedded --seeds 0 1 2
 
-Rows are keyed by (method label, seed, backbone, pretrained): runs of another regime already in the CSV
-(the from-scratch ResNet-18 default of the first release) are kept and shown as their own labelled
-group. For CPAL models it also measures the PACAM with the context part switched off at seed time
+Rows are keyed by (method label, seed, base settings): `base_settings` is a fingerprint of the params
+file's method, classifier and seed settings (without `params.method` and `run.seed`), so a run measured
+under other settings is never reused as the current default's; runs of other settings already in the
+CSV (the from-scratch ResNet-18 default of the first release among them) are kept and shown as their
+own labelled groups. For CPAL models it also measures the PACAM with the context part switched off at seed time
 (instance prototypes only, same weights): what the support bank adds at inference. Prototype maps are
 reported under two protocols: `pacam` (best background threshold of the sweep, as for CAM) and
 `pacam_argmax` (the map's own background channel, no threshold: the protocol SIPE reports).
@@ -36,10 +38,17 @@ from cpal.runtime import machine_description
 from cpal.seed_eval import evaluate_seeds, thresholds_from
 from cpal.seeds import make_seeds
 from cpal.train_cls import build_model, load_trained_model, train_classifier
-from cpal.training import load_checkpoint, resolve_device
+from cpal.training import config_fingerprint, load_checkpoint, resolve_device
 
 METHODS = ("cam", "sipe", "cpal")
-KEY = ["method", "seed", "backbone", "pretrained"]
+
+
+def settings_id(params: dict) -> str:
+    """Fingerprint of what a seed run depends on besides the method and the seed."""
+    method = {k: v for k, v in params["params"].items() if k != "method"}
+    return config_fingerprint(method, params["train_cls"], params["seeds"], params["data"])[:10]
+
+LEGACY = "first-release"  # rows written before fingerprints: ResNet-18 from scratch, 10 epochs
 GOALS = (  # (what, (method, map), (method, map), minimum paired gain in points): the CPAL issue's goal
     ("SIPE over plain CAM", ("sipe", "pacam"), ("cam", "cam"), 6.0),
     ("CPAL over SIPE (the context part)", ("cpal", "pacam"), ("sipe", "pacam"), 2.0),
@@ -195,7 +204,10 @@ def _ablation(df: pd.DataFrame) -> list[str]:
         for kind in ("cam", "pacam", "pacam_argmax"):
             d = paired_diff(df, (label, kind), (base, kind))
             mine = v[v["map"] == kind]["miou"]
-            cells.append("–" if len(d) == 0 else f"{100 * mine.mean():.1f} ({d.mean():+.1f})")
+            if len(mine) == 0:
+                cells.append("–")
+            else:
+                cells.append(f"{100 * mine.mean():.1f} " + ("(no base run)" if len(d) == 0 else f"({d.mean():+.1f})"))
         seeds = ", ".join(str(x) for x in sorted(v["seed"].unique()))
         lines.append(f"| {label} | `{override}` (base: {base}) | {seeds} | {' | '.join(cells)} | "
                      f"{v['val_map'].mean():.3f} |")
@@ -214,7 +226,7 @@ def summarise(df: pd.DataFrame, command: str, machine: str, cfg: dict, n_images:
     df = df.copy()
     df["pretrained"] = df["pretrained"].astype(str).str.lower().eq("true")
     backbone, pretrained = cfg["train_cls"]["backbone"], bool(cfg["train_cls"]["pretrained"])
-    current = df[(df["backbone"] == backbone) & (df["pretrained"] == pretrained)]
+    current = df[df["base_settings"] == settings_id(cfg)]
     tc = cfg["train_cls"]
     lines = [
         "# Seed quality: CAM vs SIPE vs CPAL on the embedded data",
@@ -228,7 +240,7 @@ def summarise(df: pd.DataFrame, command: str, machine: str, cfg: dict, n_images:
         "",
         f"Reproduce: `{command}`",
         "",
-        f"## Current default: {backbone}, ImageNet-pretrained: {pretrained}",
+        f"## Current default: {backbone}, ImageNet-pretrained: {pretrained} (settings `{settings_id(cfg)}`)",
         "",
         f"Output stride {tc['output_stride']}, frozen stages {tc['freeze_stages']}, frozen BatchNorm "
         f"{tc['freeze_bn']}, {tc['epochs']} epochs, {tc['optimizer']} lr {tc['lr']} (new layers x"
@@ -243,13 +255,13 @@ def summarise(df: pd.DataFrame, command: str, machine: str, cfg: dict, n_images:
     if ablation:
         lines += ["### Ablation: one setting changed from the default (SIPE-faithful switches and others)", "",
                   *ablation, ""]
-    for (bb, pt), g in df.groupby(["backbone", "pretrained"]):
-        if (bb, pt) == (backbone, pretrained):
+    for (settings, bb, pt), g in df.groupby(["base_settings", "backbone", "pretrained"]):
+        if settings == settings_id(cfg):
             continue
-        lines += [f"## Earlier regime: {bb}, ImageNet-pretrained: {pt}", "",
-                  "Kept for comparison; its settings are those of the release that measured it (see git history "
-                  "of params.yaml): ResNet-18 from scratch, 10 epochs, AdamW lr 0.002, argmax seeds, lambda 0.5.",
-                  "", *_table(g), "", *_differences(g), ""]
+        what = ("the first release's default: ResNet-18 from scratch, 10 epochs, AdamW lr 0.002, argmax seeds, "
+                "lambda 0.5" if settings == LEGACY else "see git history of params.yaml for its settings")
+        lines += [f"## Other settings: {bb}, ImageNet-pretrained: {pt} (settings `{settings}`)", "",
+                  f"Kept for comparison ({what}).", "", *_table(g), "", *_differences(g), ""]
     lines.append("Per-class IoU of every run is in `results/seeds_benchmark.csv`.")
     return "\n".join(lines) + "\n"
 
@@ -286,36 +298,38 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out_csv).is_file() and not args.fresh:  # resume: keep runs already measured
         old = pd.read_csv(args.out_csv)
         # rows of the first release carry no regime columns: ResNet-18 from scratch
-        defaults = {"backbone": "resnet18", "pretrained": False, "base_method": old["method"], "override": ""}
+        defaults = {"backbone": "resnet18", "pretrained": False, "base_method": old["method"], "override": "",
+                    "base_settings": LEGACY}
         for col, value in defaults.items():
             old[col] = old[col].fillna(value) if col in old else value
         old["pretrained"] = old["pretrained"].astype(str).str.lower().eq("true")
         rows = old.to_dict("records")
-    regime = (base["train_cls"]["backbone"], bool(base["train_cls"]["pretrained"]))
-    done = {(r["method"], int(r["seed"]), r["backbone"], bool(r["pretrained"])) for r in rows}
+    current = settings_id(base)
+    done = {(r["method"], int(r["seed"]), r["base_settings"]) for r in rows}
     runs = [(m, m, {}, args.seeds) for m in args.methods]
     for spec in args.variant:
         label, method, override = spec.split(":", 2)
         runs.append((label, method, yaml.safe_load(override), args.variant_seeds or args.seeds))
-    work = Path(args.work) / f"{regime[0]}_{'imagenet' if regime[1] else 'scratch'}"
+    work = Path(args.work) / current
     for label, method, override, seeds in runs:
         for seed in seeds:
-            if (label, seed, *regime) in done:
+            if (label, seed, current) in done:
                 log.info("%s, seed %d: already in %s", label, seed, args.out_csv)
                 continue
             params = validate_params(merge(merge(base, override),
                                            {"params": {"method": method}, "run": {"seed": seed}}))
             log.info("%s (method %s), seed %d", label, method, seed)
             text = yaml.safe_dump(override, default_flow_style=True).strip() if override else ""
-            rows += [{**r, "base_method": method, "override": text}
-                     for r in run_one(params, Path(args.data), work, log, label)]
+            rows += [{**r, "base_method": method, "override": text, "base_settings": current,
+                      "settings": settings_id(params)} for r in run_one(params, Path(args.data), work, log, label)]
             with atomic_path(args.out_csv) as tmp:
                 pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.5f")
     if args.training_free and "cam" in args.methods:
         for seed in args.seeds:
-            have = {(r["method"], r["seed"], r["map"], r["backbone"], bool(r["pretrained"])) for r in rows}
-            if ("cam", seed, "pacam_training_free", *regime) not in have:
-                rows += [{**r, "base_method": "cam", "override": ""} for r in training_free_rows(
+            have = {(r["method"], r["seed"], r["map"], r["base_settings"]) for r in rows}
+            if ("cam", seed, "pacam_training_free", current) not in have:
+                rows += [{**r, "base_method": "cam", "override": "", "base_settings": current,
+                          "settings": current} for r in training_free_rows(
                     validate_params(merge(base, {"params": {"method": "cam"}})), Path(args.data), work, log, seed)]
                 with atomic_path(args.out_csv) as tmp:
                     pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.5f")

@@ -88,6 +88,12 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             f"seg.train_split = {seg.get('train_split')!r} is invalid: DeepLab trains on the pseudo-masks, which "
             f"exist only for seeds.split = {seeds.get('split')!r}"
         )
+    for section in ("train_cls", "seg"):
+        cfg = params.get(section, {})
+        if cfg.get("sync_bn") and cfg.get("backbone") == "efficientnet_lite0":
+            problems.append(f"{section}.sync_bn = true is invalid with {section}.backbone = 'efficientnet_lite0': "
+                            "timm's BatchNormAct2d would lose its activation when converted (use a ResNet or "
+                            "sync_bn: false)")
     if seeds.get("bg_threshold_min", 0) > seeds.get("bg_threshold_max", 1):
         problems.append(
             f"seeds.bg_threshold_min = {seeds['bg_threshold_min']} is invalid: "

@@ -40,10 +40,12 @@ from cpal.training import (
 CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*`, output_stride in meta
 
 
-def build_model(params: dict[str, Any], num_classes: int) -> CAMNet:
-    """The classifier of params `train_cls` for `num_classes` foreground classes."""
+def build_model(params: dict[str, Any], num_classes: int, pretrained: bool | None = None) -> CAMNet:
+    """The classifier of params `train_cls` for `num_classes` foreground classes (``pretrained`` None:
+    as `train_cls.pretrained`; False when a checkpoint will overwrite the weights anyway)."""
     cfg = params["train_cls"]
-    return CAMNet(num_classes, backbone=cfg["backbone"], pretrained=cfg["pretrained"], method_cfg=params["params"],
+    pretrained = cfg["pretrained"] if pretrained is None else pretrained
+    return CAMNet(num_classes, backbone=cfg["backbone"], pretrained=pretrained, method_cfg=params["params"],
                   output_stride=cfg["output_stride"], freeze_stages=cfg["freeze_stages"], freeze_bn=cfg["freeze_bn"])
 
 
@@ -62,6 +64,9 @@ def model_meta(params: dict[str, Any], dataset: VOCDataset) -> dict[str, Any]:
 
 def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
     """A checkpoint made with another method, backbone or class count is refused with a reason."""
+    if meta.get("format") != expected["format"]:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}, this code reads format "
+                              f"{expected['format']} (backbone layout changed); rerun train_cls")
     for key in ("method", "backbone", "output_stride", "num_classes"):
         if meta.get(key) != expected[key]:
             raise CheckpointError(
@@ -73,7 +78,7 @@ def check_meta(meta: dict[str, Any], expected: dict[str, Any], path: Path) -> No
 def load_trained_model(path: Path, params: dict[str, Any], dataset: VOCDataset, device: torch.device) -> CAMNet:
     ckpt = load_checkpoint(path, map_location="cpu")
     check_meta(ckpt.get("meta", {}), model_meta(params, dataset), path)
-    model = build_model(params, dataset.num_classes - 1)
+    model = build_model(params, dataset.num_classes - 1, pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 

@@ -85,7 +85,8 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     net = CAMNet(2, backbone="resnet18")
     classifier = root / "classifier.pt"
-    save_checkpoint(classifier, {"meta": {"format": 1, "method": "cam", "backbone": "resnet18", "num_classes": 2},
+    save_checkpoint(classifier, {"meta": {"format": 2, "method": "cam", "backbone": "resnet18", "output_stride": 16,
+                                          "num_classes": 2},
                                  "model": net.state_dict()})
     return {"data": data, "seeds": seeds, "classifier": classifier, "root": root}
 

@@ -65,6 +65,28 @@ def test_killed_run_resumes_to_the_same_weights(tiny_params: dict, tiny_data: Pa
         assert int(b["bank.count"].sum()) > 0 if "bank.count" in b else any("bank" in k for k in b)
 
 
+def test_sipe_faithful_switches_in_the_training_loop(tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
+    """Frozen stages and BatchNorm statistics, gradient clipping, the padding mask and structure-aware seeds
+    all pass through train_classifier: the frozen stages end exactly at their ImageNet weights."""
+    from cpal.models.backbone import build_backbone
+
+    params = _params(tiny_params, epochs=1, freeze_stages=2, freeze_bn=True, grad_clip=0.5, mask_padding=True,
+                     scale_range=[0.5, 0.7])  # small scales: every crop is padded
+    params["params"].update(method="sipe", seed_mode="structure", seed_bg_scale=0.5)
+    metrics = train_classifier(params, tiny_data, tmp_path, LOG, progress=False)
+    assert np.isfinite(metrics["final_loss"])
+    trained = load_checkpoint(tmp_path / "model.pt")["model"]
+    imagenet = build_backbone(params["train_cls"]["backbone"], pretrained=True).state_dict()
+    frozen = [k for k in imagenet if k.startswith(("stages.0.", "stages.1."))]
+    moved = [k for k in imagenet if k.startswith("stages.3.") and k.endswith("weight")
+             and not torch.equal(trained[f"backbone.{k}"], imagenet[k])]
+    assert frozen and all(torch.equal(trained[f"backbone.{k}"], imagenet[k]) for k in frozen)
+    assert moved  # the stages after the frozen ones did train
+    # BatchNorm statistics of a trained stage stayed at ImageNet's too (freeze_bn)
+    stats = [k for k in imagenet if k.startswith("stages.3.") and k.endswith("running_mean")]
+    assert stats and all(torch.equal(trained[f"backbone.{k}"], imagenet[k]) for k in stats)
+
+
 def test_resume_ignores_checkpoint_of_other_settings(tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
     params = _params(tiny_params)
     train_classifier(params, tiny_data, tmp_path, LOG, progress=False, stop_after_epoch=1)

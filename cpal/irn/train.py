@@ -144,7 +144,8 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
     sources = [label_dir / f"{i}.png" for i in dataset.ids] + ([classifier] if classifier else [])
     fingerprint = config_fingerprint({k: cfg[k] for k in TRAIN_KEYS}, run["seed"], dataset.ids,
-                                     inputs_stamp(sources), params["train_cls"]["backbone"])
+                                     inputs_stamp(sources), params["train_cls"]["backbone"],
+                                     params["train_cls"]["output_stride"])
     meta = irn_meta(model.backbone, cfg["backbone_from"], cfg["radius"])
 
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}

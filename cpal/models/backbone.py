@@ -91,19 +91,18 @@ def _torchvision_weights(weights: models.WeightsEnum) -> dict[str, torch.Tensor]
 
 
 def _resnet(name: str, pretrained: bool, output_stride: int) -> Backbone:
-    """torchvision ResNet; ResNet-50/101 dilate (IRN, SIPE), ResNet-18 sets strides to 1 instead
-    (torchvision's BasicBlock refuses dilation)."""
-    dilate = [False, output_stride == 8, True]
-    if name == "resnet18":
-        net, weights = models.resnet18(), models.ResNet18_Weights.IMAGENET1K_V1
-        for layer, strided in ((net.layer3, dilate[1]), (net.layer4, dilate[2])):
-            if strided:
-                layer[0].conv1.stride = (1, 1)
-                layer[0].downsample[0].stride = (1, 1)
-    elif name == "resnet50":
-        net, weights = models.resnet50(replace_stride_with_dilation=dilate), models.ResNet50_Weights.IMAGENET1K_V1
-    else:
-        net, weights = models.resnet101(replace_stride_with_dilation=dilate), models.ResNet101_Weights.IMAGENET1K_V1
+    """torchvision ResNet with the strides of the last stage (and of layer3 at output stride 8) set to 1,
+    without dilation, as IRN and SIPE build their ResNet-50 (strides (2, 2, 2, 1))."""
+    builders = {"resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+                "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
+                "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1)}
+    build, weights = builders[name]
+    net = build()
+    for layer in (net.layer3, net.layer4) if output_stride == 8 else (net.layer4,):
+        first = layer[0]
+        strided = first.conv2 if hasattr(first, "conv3") else first.conv1  # Bottleneck: 3x3 conv2; BasicBlock: conv1
+        strided.stride = (1, 1)
+        first.downsample[0].stride = (1, 1)
     if pretrained:
         net.load_state_dict(_torchvision_weights(weights))
     expansion = type(net.layer1[0]).expansion

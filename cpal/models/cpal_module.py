@@ -85,10 +85,11 @@ def structure_scores(cam: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     and pixel i's feature-correlation map, sum_j c_ij m_kj / (sum_j c_ij + sum_j m_kj - sum_j c_ij m_kj),
     with c_ij = ReLU(cos(f_i, f_j)). A pixel joins the class whose whole region it resembles, not only
     the class that fires on it, which spreads seeds over object parts the CAM misses."""
-    f = F.normalize(features.detach().flatten(2).float(), dim=1, eps=EPS)
-    corr = F.relu(torch.einsum("bci,bcj->bij", f, f))  # (B, hw, hw)
-    m = cam.detach().flatten(2).float()  # (B, K, hw)
-    inter = torch.einsum("bij,bkj->bki", corr, m)
+    with torch.autocast(device_type=features.device.type, enabled=False):  # float32 even under AMP
+        f = F.normalize(features.detach().flatten(2).float(), dim=1, eps=EPS)
+        corr = F.relu(torch.einsum("bci,bcj->bij", f, f))  # (B, hw, hw)
+        m = cam.detach().flatten(2).float()  # (B, K, hw)
+        inter = torch.einsum("bij,bkj->bki", corr, m)
     union = corr.sum(dim=2)[:, None, :] + m.sum(dim=2)[:, :, None] - inter
     return (inter / union.clamp(min=EPS)).view_as(cam)
 

@@ -37,7 +37,7 @@ from cpal.training import (
     write_training_outputs,
 )
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*` (cpal.models.backbone)
 # Keys that only change evaluation: editing them must not invalidate a half-finished training run.
 EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params")
 
@@ -64,7 +64,8 @@ def seg_meta(cfg: dict[str, Any], classes: list[str], labels: str) -> dict[str, 
 
 def check_seg_meta(meta: dict[str, Any], cfg: dict[str, Any], classes: list[str], path: Path) -> None:
     """A checkpoint made for another architecture, initialisation or class list is refused with a reason."""
-    expected = {"backbone": cfg["backbone"], "head": cfg["head"], "init": cfg["init"], "classes": list(classes)}
+    expected = {"format": CHECKPOINT_FORMAT, "backbone": cfg["backbone"], "head": cfg["head"], "init": cfg["init"],
+                "classes": list(classes)}
     for key, value in expected.items():
         if meta.get(key) != value:
             raise CheckpointError(
