@@ -184,7 +184,8 @@ def _goals(df: pd.DataFrame) -> list[str]:
             lines.append(f"- {what}: not measured")
             continue
         verdict = "met" if d.mean() >= goal else "NOT met"
-        lines.append(f"- {what}: {d.mean():+.1f} ± {(d.std() if len(d) > 1 else 0.0):.1f} "
+        # two decimals: a mean of +5.98 printed as +6.0 next to "NOT met" reads as a contradiction
+        lines.append(f"- {what}: {d.mean():+.2f} ± {(d.std() if len(d) > 1 else 0.0):.2f} "
                      f"(goal >= +{goal:.0f}): {verdict}")
     return lines
 
@@ -199,7 +200,8 @@ def _ablation(df: pd.DataFrame) -> list[str]:
     for label in variants:
         v = df[df["method"] == label]
         base = v["base_method"].iloc[0]
-        override = v["override"].iloc[0] if "override" in v else ""
+        # flow YAML of older rows wrapped at 80 columns: one line for the table
+        override = " ".join(str(v["override"].iloc[0]).split()).replace("{ ", "{") if "override" in v else ""
         cells = []
         for kind in ("cam", "pacam", "pacam_argmax"):
             d = paired_diff(df, (label, kind), (base, kind))
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             params = validate_params(merge(merge(base, override),
                                            {"params": {"method": method}, "run": {"seed": seed}}))
             log.info("%s (method %s), seed %d", label, method, seed)
-            text = yaml.safe_dump(override, default_flow_style=True).strip() if override else ""
+            text = yaml.safe_dump(override, default_flow_style=True, width=10**6).strip() if override else ""
             rows += [{**r, "base_method": method, "override": text, "base_settings": current,
                       "settings": settings_id(params)} for r in run_one(params, Path(args.data), work, log, label)]
             with atomic_path(args.out_csv) as tmp:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 VOC12 = {
     # SIPE's own settings where CPAL is silent (docs/method.md); the embedded default measured otherwise
-    "params": {"bank_size": 1000, "seed_mode": "structure", "seed_bg_scale": 0.5, "lambda_self": 1.0},
+    "params": {"bank_size": 1000, "seed_mode": "structure", "seed_bg_scale": 0.5, "lambda_self": 1.0,
+               "center_features": False},
     "data": {"source": "voc12", "dir": "data/voc12", "voc12": {"root": None, "download_dir": "data/downloads"}},
     "train_cls": {"backbone": "resnet50", "pretrained": True, "output_stride": 16, "freeze_stages": 2,
                   "freeze_bn": True, "grad_clip": 1.0, "mask_padding": True, "epochs": 5, "batch_size": 16,
