@@ -47,7 +47,8 @@ def _params(**irn: object) -> dict:
         "exp_times": 4, "sem_seg_bg_thres": 0.25, "power": 1.0, "flip": True, "walk": "sparse",
     }
     cfg.update(irn)
-    return {"irn": cfg, "params": {"method": "cam"}, "seeds": {"split": "train"}, "train_cls": {"backbone": "resnet18"},
+    return {"irn": cfg, "params": {"method": "cam"}, "seeds": {"split": "train"},
+            "train_cls": {"backbone": "resnet18", "output_stride": 16},
             "run": {"device": "cpu", "seed": 0, "num_workers": 0}}
 
 
