@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "`",
         "",
         "Cosines of an image's instance prototype P^I: to its nearest bank entry, to the top-K it retrieves",
-        "(ranked by the retrieval metric), to"
+        "(ranked by the retrieval metric), to "
         "its own class's bank (mean) and to the closest other class's bank (mean); cosine of P^I to the context",
         "prototype P^C it retrieves; relative move of the PACAM prototype, ||P - P^I|| / ||P^I||; mean pairwise",
         "cosine inside the class's bank. Means over the instances (± std).",
