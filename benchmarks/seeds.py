@@ -43,9 +43,13 @@ from cpal.training import config_fingerprint, load_checkpoint, resolve_device
 METHODS = ("cam", "sipe", "cpal")
 
 
+INERT = {"bank_clusters": 0}  # switches added after runs were measured, at their "off" value
+
+
 def settings_id(params: dict) -> str:
-    """Fingerprint of what a seed run depends on besides the method and the seed."""
-    method = {k: v for k, v in params["params"].items() if k != "method"}
+    """Fingerprint of what a seed run depends on besides the method and the seed. A switch added later
+    and left off (INERT) leaves it unchanged: it changes nothing the run computes."""
+    method = {k: v for k, v in params["params"].items() if k != "method" and INERT.get(k, object()) != v}
     return config_fingerprint(method, params["train_cls"], params["seeds"], params["data"])[:10]
 
 LEGACY = "first-release"  # rows written before fingerprints: ResNet-18 from scratch, 10 epochs

@@ -10,6 +10,7 @@ from cpal.models.cpal_module import (
     SupportBank,
     alignment_shift,
     cam_with_background,
+    cluster_prototypes,
     context_prototypes,
     instance_prototypes,
     mix_prototypes,
@@ -38,7 +39,7 @@ def test_config_defaults_and_params_yaml(default_params: dict) -> None:
 
 @pytest.mark.parametrize(("key", "value"), [("metric", "manhattan"), ("method", "x"), ("K", 0),
                                             ("temperature", 0.0), ("tau", 1.0), ("context_weight", 1.5),
-                                            ("center_features", "yes")])
+                                            ("center_features", "yes"), ("bank_clusters", -1)])
 def test_config_rejects_bad_values_naming_the_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"params\.{key}"):
         CPALConfig.from_dict({key: value})
@@ -208,6 +209,30 @@ def test_alignment_changes_which_neighbours_are_retrieved() -> None:
     aligned = mix_prototypes(inst, ok, bank, CPALConfig(use_alignment=True, **base))
     assert plain[:, 1].tolist() == [[0.0, 10.0], [0.0, 10.0]]
     assert aligned[:, 1].tolist() == [[10.0, 0.0], [0.0, 10.0]]
+
+
+def test_cluster_prototypes_finds_the_groups_and_is_off_by_default() -> None:
+    keys = vecs((0.0, 0.0), (10.0, 10.0), (0.2, 0.0), (10.0, 10.4), (0.0, 0.4), (10.2, 10.0))
+    assert cluster_prototypes(keys, 0) is keys  # off
+    assert cluster_prototypes(keys, 6) is keys  # no more entries than clusters: the entries themselves
+    centres = cluster_prototypes(keys, 2)
+    assert centres.shape == (2, 2)
+    got = sorted(centres.tolist())
+    torch.testing.assert_close(torch.tensor(got), vecs((0.2 / 3, 0.4 / 3), (30.2 / 3, 30.4 / 3)))
+    torch.testing.assert_close(cluster_prototypes(keys, 2), centres)  # deterministic
+
+
+def test_bank_clusters_retrieve_centres_instead_of_entries() -> None:
+    bank = SupportBank(num_classes=1, size=10, dim=2)
+    bank.push(torch.tensor([0, 0, 0, 0]), vecs((1.0, 0.0), (3.0, 0.0), (0.0, 5.0), (0.0, 7.0)))
+    inst = torch.zeros(1, 2, 2)
+    inst[0, 1] = vecs((4.0, 0.0))
+    ok = torch.ones(1, 2, dtype=torch.bool)
+    base = dict(K=1, metric="l2", context_weight=1.0, use_alignment=False)
+    entries = mix_prototypes(inst, ok, bank, CPALConfig(**base))
+    centres = mix_prototypes(inst, ok, bank, CPALConfig(bank_clusters=2, **base))
+    assert entries[0, 1].tolist() == [3.0, 0.0]  # the nearest entry
+    assert centres[0, 1].tolist() == [2.0, 0.0]  # the centre of its cluster
 
 
 # -- PACAM and L_self --------------------------------------------------------------------------------

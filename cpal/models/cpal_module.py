@@ -38,6 +38,7 @@ class CPALConfig:
     center_features: bool = True
     seed_mode: str = "argmax"
     seed_bg_scale: float = 1.0
+    bank_clusters: int = 0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None, where: str = "params") -> CPALConfig:
@@ -250,6 +251,29 @@ def positiveness_weights(sims: torch.Tensor, temperature: float, tau: float) -> 
     return weights
 
 
+def cluster_prototypes(keys: torch.Tensor, clusters: int, iterations: int = 10) -> torch.Tensor:
+    """k-means centres (clusters, C) of one class's bank entries, or ``keys`` itself when ``clusters`` is
+    0 or the bank holds no more entries than that.
+
+    Secondary write-ups of CPAL describe retrieving from per-class clusters of the bank instead of its
+    entries; the paper does not say, so this is a parameter (``params.bank_clusters``), off by default.
+    Deterministic (initial centres: evenly spaced entries in storage order), so every DDP rank and every
+    seed pass computes the same centres; an emptied cluster keeps its previous centre.
+    """
+    n = keys.shape[0]
+    if clusters <= 0 or n <= clusters:
+        return keys
+    x = keys.float()
+    centres = x[torch.linspace(0, n - 1, clusters).round().long()].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(x, centres).argmin(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=clusters)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None].to(x.dtype)
+    return centres.to(keys.dtype)
+
+
 def context_prototypes(anchors: torch.Tensor, keys: torch.Tensor, k: int, metric: str, temperature: float,
                        tau: float, use_positiveness: bool = True) -> torch.Tensor:
     """P^C (m, C): the positiveness-weighted sum of each anchor's top-K keys (or their plain mean).
@@ -288,9 +312,10 @@ def mix_prototypes(instance: torch.Tensor, ok: torch.Tensor, bank: SupportBank, 
 
     P^C is retrieved with the aligned anchor P^I + delta_n (delta over this batch's prototypes of
     class n, if ``align``, default ``cfg.use_alignment``). A class whose bank is empty keeps P^I
-    alone; with fewer than K entries, all of them are used. The background (channel 0) and missing
-    prototypes (``ok`` False) are left as they are. ``class_means`` (N+1, C), when given, replaces the
-    batch's per-class mean in delta (DDP: the mean over the global batch, see :func:`batch_class_means`).
+    alone; with fewer than K entries (or ``cfg.bank_clusters`` centres), all of them are used. The
+    background (channel 0) and missing prototypes (``ok`` False) are left as they are. ``class_means``
+    (N+1, C), when given, replaces the batch's per-class mean in delta (DDP: the mean over the global
+    batch, see :func:`batch_class_means`).
     """
     align = cfg.use_alignment if align is None else align
     out = instance.clone()
@@ -309,8 +334,9 @@ def mix_prototypes(instance: torch.Tensor, ok: torch.Tensor, bank: SupportBank, 
             anchors = p_inst + alignment_shift(keys, p_inst)
         else:
             anchors = p_inst + (keys.mean(dim=0) - class_means[n])
-        p_ctx = context_prototypes(anchors, keys, cfg.K, cfg.metric, cfg.temperature, cfg.tau,
-                                   cfg.use_positiveness)
+        # the alignment shift above uses the bank's own mean; retrieval may use its clusters instead
+        p_ctx = context_prototypes(anchors, cluster_prototypes(keys, cfg.bank_clusters), cfg.K, cfg.metric,
+                                   cfg.temperature, cfg.tau, cfg.use_positiveness)
         out[rows, n] = ((1 - w) * p_inst + w * p_ctx).to(out.dtype)  # the bank is float32 under AMP
     return out
 
