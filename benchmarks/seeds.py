@@ -204,8 +204,7 @@ def _ablation(df: pd.DataFrame) -> list[str]:
     for label in variants:
         v = df[df["method"] == label]
         base = v["base_method"].iloc[0]
-        # flow YAML of older rows wrapped at 80 columns: one line for the table
-        override = " ".join(str(v["override"].iloc[0]).split()).replace("{ ", "{") if "override" in v else ""
+        override = v["override"].iloc[0] if "override" in v else ""
         cells = []
         for kind in ("cam", "pacam", "pacam_argmax"):
             d = paired_diff(df, (label, kind), (base, kind))
