@@ -12,6 +12,7 @@ sys.path.insert(0, workflow.basedir)
 from snakemake.utils import validate  # noqa: E402
 
 from cpal.config import validate_params, write_resolved_params  # noqa: E402
+from cpal.runtime import hold_run_lock  # noqa: E402
 
 
 configfile: "params.yaml"
@@ -28,6 +29,13 @@ PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
 DATA = config["data"]["dir"]
 REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps"}
 ENV = "environment.yml"
+
+
+# Snakemake's own lock is not atomic: two runs started together can both take it. This flock is; it is
+# taken before the first job of a real run (never by -n, --unlock or --dag) and dropped when this
+# process ends.
+onstart:
+    hold_run_lock(".snakemake/cpal-run.lock")
 
 
 rule all:

@@ -107,3 +107,32 @@ def process_cost() -> str:
     start = process_start_epoch()
     span = f"start={start:.3f} end={end:.3f} wall_s={end - start:.3f} " if start is not None else ""
     return f"{span}peak_rss_mib={peak_rss_mib():.0f}"
+
+
+class RunLockError(RuntimeError):
+    """Another run holds the workspace; raised before this one starts any job."""
+
+
+def hold_run_lock(path: str | os.PathLike[str]) -> None:
+    """Take the workspace's run lock for the rest of this process, or refuse.
+
+    Snakemake's own lock is a check followed by a write (two runs started together can both pass the
+    check, then overwrite each other's lock files and outputs); an flock is atomic, and the kernel drops
+    it when the process ends however it ends, so no stale lock survives a crash. The descriptor stays open
+    on purpose: closing it would release the lock.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockError(
+            f"Error: Directory cannot be locked. Another Snakemake instance is running in this folder "
+            f"(pid {holder}, lock {path}); wait for it to end. Nothing was run.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)

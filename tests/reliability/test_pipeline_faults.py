@@ -206,3 +206,28 @@ def test_the_winner_left_a_complete_valid_result(snakemake_race: dict, dvc_runs:
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
     for name in ("outputs/train_cls/metrics.json", "results/eval_seeds.json", "results/eval_seeds_curve.csv"):
         assert (ws / name).read_bytes() == (dvc_runs["first"] / name).read_bytes(), name
+
+
+def test_run_lock_taken_by_another_process_refuses_before_any_job(tmp_path: Path) -> None:
+    """The deterministic half of the race above: Snakemake's own lock is a check then a write, so two runs
+    started at one instant can both pass it (CI saw both run, overwrite each other and fail). The
+    Snakefile's onstart flock is what refuses the second; here another process holds it."""
+    ws = tiny_workspace(tmp_path / "ws")
+    lock = ws / ".snakemake" / "cpal-run.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cpal.runtime import hold_run_lock; "
+         "hold_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(lock)],
+        env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = _run(SNAKEMAKE + ["--cores", "1", TARGET], ws)
+        text = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and LOCK_MESSAGE in text, text[-2000:]
+        assert f"pid {holder.pid}" in text and "rule " not in text, text[-2000:]
+        assert not (ws / "data").exists() and not (ws / "outputs" / "logs").exists()
+        dry = _run(SNAKEMAKE + ["-n", "--cores", "1", TARGET], ws)  # planning is never refused
+        assert dry.returncode == 0 and "rule data:" in dry.stdout, dry.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(SNAKEMAKE + ["--cores", "1", "data"], ws).returncode == 0  # the kernel dropped the lock
