@@ -78,7 +78,8 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
         if method == "cam" and params.get(section, {}).get("map") == "pacam":
             problems.append(f"{section}.map = 'pacam' is invalid: params.method = 'cam' makes no PACAM (use map: cam)")
     irn = params.get("irn", {})
-    if irn.get("bg_threshold", 0) > irn.get("fg_threshold", 1):
+    fg, bg = irn.get("fg_threshold", 1), irn.get("bg_threshold", 0)
+    if isinstance(fg, int | float) and isinstance(bg, int | float) and bg > fg:
         problems.append(f"irn.bg_threshold = {irn['bg_threshold']} is invalid: must not exceed "
                         f"irn.fg_threshold = {irn['fg_threshold']}")
     seeds = params.get("seeds", {})

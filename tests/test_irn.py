@@ -403,3 +403,65 @@ def test_a_killed_refine_publishes_nothing_and_resumes(synthetic: dict[str, Path
     timing = refine.refine_irn(_params(), synthetic["data"], synthetic["seeds"], model, out, LOG, progress=False)
     assert timing["images"] == 3 and len(list(out.glob("*.png"))) == 6
     assert not (tmp_path / ".rw.partial").exists()
+
+
+# -- planes derived without ground truth ------------------------------------------------------------------
+
+def test_otsu_splits_a_bimodal_histogram_between_its_modes() -> None:
+    from cpal.irn.thresholds import BINS, derive_planes, otsu_split
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.1, 0.04, 8000), rng.normal(0.7, 0.08, 2000)]).clip(0, 1)
+    hist = np.bincount(np.minimum((scores * BINS).astype(int), BINS - 1), minlength=BINS)
+    t, mu0, mu1 = otsu_split(hist)
+    assert 0.2 < t < 0.6 and abs(mu0 - 0.1) < 0.02 and abs(mu1 - 0.7) < 0.03
+    planes = derive_planes(hist)
+    assert mu0 < planes["bg_threshold"] < t < planes["fg_threshold"] < mu1
+    assert planes["sem_seg_bg_thres"] == planes["fg_threshold"]
+    with pytest.raises(ValueError, match="no seed pixels"):
+        otsu_split(np.zeros(BINS))
+    with pytest.raises(ValueError, match="single value"):
+        otsu_split(np.eye(1, BINS, 30).ravel())
+
+
+def test_auto_planes_come_from_the_seed_folder(synthetic: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The synthetic seeds score 0 off the objects and 0.6 / 1.0 on them: the planes fall in between,
+    and what the stages used is what they report."""
+    from cpal.data.voc import VOCDataset
+    from cpal.irn.thresholds import resolve_planes
+
+    ids = VOCDataset(synthetic["data"], "train").ids
+    fixed = _params()["irn"]
+    assert resolve_planes(fixed, synthetic["seeds"], ids) == (fixed, None)
+    auto = _params(fg_threshold="auto", bg_threshold="auto", sem_seg_bg_thres="auto")
+    resolved, derived = resolve_planes(auto["irn"], synthetic["seeds"], ids)
+    assert 0 < resolved["bg_threshold"] < derived["otsu_threshold"] < resolved["fg_threshold"] <= 0.8
+    assert resolved["sem_seg_bg_thres"] == resolved["fg_threshold"]
+    stats = irn_labels.make_ir_labels(VOCDataset(synthetic["data"], "train"), synthetic["seeds"], tmp_path / "ir",
+                                      auto["irn"], 0, LOG, progress=False)
+    assert stats["fg_threshold"] == resolved["fg_threshold"] and stats["derived"] == derived
+    from cpal.irn import refine
+
+    timing = refine.refine_irn(auto, synthetic["data"], synthetic["seeds"], _irn_checkpoint(tmp_path / "irn.pt"),
+                               tmp_path / "rw", LOG, progress=False)
+    assert timing["sem_seg_bg_thres"] == resolved["sem_seg_bg_thres"] and timing["derived_planes"] == derived
+    half = _params(fg_threshold=0.0, bg_threshold="auto")["irn"]
+    with pytest.raises(ValueError, match="exceeds irn.fg_threshold"):
+        resolve_planes(half, synthetic["seeds"], ids)
+
+
+def test_an_irn_checkpoint_of_another_backbone_is_refused(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from cpal.irn import refine
+    from cpal.training import CheckpointError
+
+    model = _irn_checkpoint(tmp_path / "irn.pt")  # resnet18, output stride 16
+    other = _params()
+    other["train_cls"] = {"backbone": "efficientnet_lite0", "output_stride": 16}
+    with pytest.raises(CheckpointError, match=r"irn.pt: IRN checkpoint trained on resnet18 .*train_cls.backbone "
+                                              r"is 'efficientnet_lite0'"):
+        refine.refine_irn(other, synthetic["data"], synthetic["seeds"], model, tmp_path / "rw", LOG, progress=False)
+    other["train_cls"] = {"backbone": "resnet18", "output_stride": 8}
+    with pytest.raises(CheckpointError, match="train_cls.output_stride is 8"):
+        refine.refine_irn(other, synthetic["data"], synthetic["seeds"], model, tmp_path / "rw", LOG, progress=False)
+    assert not (tmp_path / "rw").exists()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cpal.data.voc import VOCDataset
 from cpal.io import inputs_stamp, partial_folder, publish_folder, save_label_png
+from cpal.irn.thresholds import resolve_planes
 from cpal.seed_io import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 from cpal.training import config_fingerprint
 
@@ -94,6 +95,9 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     stops the stage with an error; nothing is published).
     """
     check_complete(seed_dir, dataset.ids)
+    cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
+    if derived:
+        log.info("IRN planes from the seeds' own score histogram (Otsu, no ground truth): %s", derived)
     keys = ("map", "fg_threshold", "bg_threshold", "label_crf")
     fingerprint = config_fingerprint({k: cfg[k] for k in keys}, dataset.ids,
                                      inputs_stamp([seed_path(seed_dir, i) for i in dataset.ids]))
@@ -149,7 +153,8 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     total = max(int(counts.sum()), 1)
     stats = {"images": len(dataset.ids), "labelled_now": len(todo), "seconds": seconds,
              "fraction_foreground": counts[0] / total, "fraction_background": counts[1] / total,
-             "fraction_ignore": counts[2] / total}
+             "fraction_ignore": counts[2] / total, "fg_threshold": cfg["fg_threshold"],
+             "bg_threshold": cfg["bg_threshold"], "derived": derived}
     log.info("ir_labels: %d images in %.1f s (pixels labelled now: %.3f foreground, %.3f background, "
              "%.3f ignore)", len(todo), seconds, *(counts / total))
     return stats

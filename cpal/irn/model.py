@@ -100,13 +100,22 @@ def irn_meta(backbone: Backbone, backbone_from: str, radius: int) -> dict[str, A
             "stride": STRIDE}
 
 
-def load_boundary_net(path: str | Path, device: torch.device) -> BoundaryNet:
-    """An IRN checkpoint written by train_irn ({"meta", "model"}), in eval mode on `device`."""
+def load_boundary_net(path: str | Path, device: torch.device, backbone: str | None = None,
+                      output_stride: int | None = None) -> BoundaryNet:
+    """An IRN checkpoint written by train_irn ({"meta", "model"}), in eval mode on `device`.
+
+    With `backbone` / `output_stride` (params train_cls), a checkpoint trained on another network is
+    refused: its boundaries would not belong to the classifier whose seeds they refine.
+    """
     ckpt = load_checkpoint(path, map_location="cpu")
     meta = ckpt.get("meta", {})
     if meta.get("kind") != "irn_boundary" or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an IRN boundary checkpoint of format {CHECKPOINT_FORMAT} "
                               f"(meta {meta!r}); rerun train_irn")
+    for key, want in (("backbone", backbone), ("output_stride", output_stride)):
+        if want is not None and meta.get(key) != want:
+            raise CheckpointError(f"{path}: IRN checkpoint trained on {meta.get('backbone')} at output stride "
+                                  f"{meta.get('output_stride')}, but train_cls.{key} is {want!r}; rerun train_irn")
     model = BoundaryNet(build_backbone(meta["backbone"], pretrained=False, output_stride=meta["output_stride"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

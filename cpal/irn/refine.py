@@ -28,6 +28,7 @@ from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
+from cpal.irn.thresholds import resolve_planes
 from cpal.runtime import peak_rss_mib
 from cpal.seed_io import check_complete, resolve_map, seed_path
 from cpal.training import config_fingerprint, resolve_device
@@ -89,7 +90,11 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
     device = resolve_device(params["run"]["device"])
     dataset = VOCDataset(data_dir, params["seeds"]["split"])
     check_complete(seed_dir, dataset.ids)
-    model = load_boundary_net(irn_path, device)
+    cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
+    if derived:
+        log.info("walk background plane %.4f from the seeds' own score histogram (Otsu, no ground truth): %s",
+                 cfg["sem_seg_bg_thres"], derived)
+    model = load_boundary_net(irn_path, device, params["train_cls"]["backbone"], params["train_cls"]["output_stride"])
     index = PathIndex.of(cfg["walk_radius"])
     fingerprint = config_fingerprint({k: cfg[k] for k in REFINE_KEYS}, dataset.ids,
                                      inputs_stamp([irn_path] + [seed_path(seed_dir, i) for i in dataset.ids]))
@@ -123,6 +128,8 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         "peak_rss_mb": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "walk": cfg["walk"],
+        "sem_seg_bg_thres": cfg["sem_seg_bg_thres"],
+        "derived_planes": derived,
     }
     if device.type == "cuda":
         timing["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
