@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,27 @@ import jsonschema
 import yaml
 
 SCHEMA_RESOURCE = "params.schema.json"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: `1e-05` (no dot) is a number, not a string."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that exponent floats without a dot are floats.
+
+    DVC writes dvc.lock with YAML 1.2 floats (`prob_clip: 1e-05`); PyYAML reads that as the string
+    '1e-05', so a param compared against its lock looked changed (cpal-compare marked the CRF column
+    stale in every row); a user's `lr: 1e-3` in params.yaml broke the schema the same way.
+    """
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ParamsError(ValueError):
@@ -133,14 +155,14 @@ def validate_section(name: str, value: Any, source: str = "params.yaml") -> dict
 
 
 def load_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a params file with yaml.safe_load and validate it."""
+    """Read a params file (load_yaml) and validate it."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"params file not found: {path}") from None
     try:
-        params = yaml.safe_load(text)
+        params = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc})") from exc
     return validate_params(params, source=str(path))

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from cpal.config import load_yaml
 from cpal.io import atomic_path
 
 
@@ -68,9 +68,9 @@ def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
     def read(rev: str) -> dict[str, Any] | None:
         if rev == WORKSPACE:
             path = Path(repo) / "dvc.lock"
-            return yaml.safe_load(path.read_text()) if path.is_file() else None
+            return load_yaml(path.read_text()) if path.is_file() else None
         out = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
-        return yaml.safe_load(out.stdout) if out.returncode == 0 else None
+        return load_yaml(out.stdout) if out.returncode == 0 else None
 
     return read
 

@@ -215,3 +215,26 @@ def test_compare_quotes_a_command_for_any_clone(tmp_path: Path, monkeypatch: pyt
     md = out.with_suffix(".md").read_text()
     assert "`cpal-compare --out results/ablations --machine m --title 'It'\"'\"'s a title'`" in md
     assert str(tmp_path) not in md
+
+
+def test_a_lock_written_by_dvc_with_exponent_floats_is_read_as_numbers(tmp_path: Path) -> None:
+    """DVC writes `1e-05` (YAML 1.2, no dot); PyYAML alone reads a string and every row's CRF went stale."""
+    from cpal.experiments import git_lock_reader
+
+    params = {"params": {"K": 5}, "crf": {"prob_clip": 1e-05, "bg_threshold": 0.4}}
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  refine_crf:\n    params:\n      params.yaml:\n        crf:\n"
+        "          prob_clip: 1e-05\n          bg_threshold: 0.4\n    outs:\n    - path: results/eval_crf.json\n")
+    lock = git_lock_reader(tmp_path)("workspace")
+    assert lock["stages"]["refine_crf"]["params"]["params.yaml"]["crf"]["prob_clip"] == 1e-05
+    show = [{"rev": "workspace", "data": {"params": {"params.yaml": {"data": params}},
+                                          "metrics": {"results/eval_crf.json": {"data": {"miou": 0.667}}}}},
+            {"rev": "a" * 40, "name": "main", "data": {"params": {"params.yaml": {"data": params}}}}]
+    table = experiment_table(show, {"workspace": lock}.get).set_index("experiment")
+    assert table.loc["workspace", "crf"] == 66.7 and table.loc["workspace", "stale"] == ""
+
+
+def test_params_files_read_exponent_floats_as_numbers() -> None:
+    from cpal.config import load_yaml
+
+    assert load_yaml("lr: 1e-3\nclip: 1.0e-5\nn: 10\nq: '1e-3'\n") == {"lr": 1e-3, "clip": 1e-5, "n": 10, "q": "1e-3"}
