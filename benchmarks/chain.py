@@ -124,6 +124,8 @@ def upper_bounds(df: pd.DataFrame) -> pd.Series:
 
 
 def report(df: pd.DataFrame, methods: list[str], command: str, classifiers: Path | None) -> str:
+    if "seconds" not in df:
+        df = df.assign(seconds=None)
     seeds_done = {m: sorted(df[df.method == m].seed.unique().tolist()) for m in methods}
     ub = upper_bounds(df)
     lines = [
@@ -175,7 +177,7 @@ def report(df: pd.DataFrame, methods: list[str], command: str, classifiers: Path
         common = seg.index.intersection(ub.index)
         if len(common):
             r = (seg[common] / ub[common]).to_numpy(dtype=float)
-            lines.append(f"- DeepLab on CPAL's pseudo-masks: {r.mean():.2f} of the upper bound (per seed "
+            lines.append(f"- DeepLab on CPAL's pseudo-masks: {r.mean():.3f} of the upper bound (per seed "
                          f"{', '.join(f'{x:.2f}' for x in r)}; goal 0.85: {'met' if r.mean() >= 0.85 else 'NOT met'}).")
     lines += ["", "## Time per stage (seconds, mean over the seeds; from the stage logs)", "",
               "| stage | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
@@ -209,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
             ws = run_one(args.work, method, seed, i == 0, data_dir, args.classifiers, args.cores)
             rows += rows_of(ws, method, seed)
             df = pd.DataFrame(rows)
-            if "seconds" not in df:
-                df["seconds"] = None
             with atomic_path(args.out_md.with_suffix(".csv")) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.5f")
             write_text(args.out_md, report(df, args.methods, command, args.classifiers))

@@ -58,9 +58,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo), None where unknown: machines with the same core count
+    differ by 3x on the same stage, so figures name it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_description() -> str:
     """One line naming the machine a number or figure came from."""
-    parts = [f"{platform.system()} {platform.machine()}", f"{os.cpu_count()} CPU cores"]
+    cpu = cpu_model()
+    parts = [f"{platform.system()} {platform.machine()}",
+             f"{os.cpu_count()} CPU cores" + (f" ({cpu})" if cpu else "")]
     try:
         import torch
 

@@ -44,7 +44,14 @@ def _size_batches(dataset: VOCDataset, batch_size: int) -> list[list[str]]:
     return [ids[i:i + batch_size] for ids in groups.values() for i in range(0, len(ids), batch_size)]
 
 
-@torch.no_grad()
+def seed_views(x: torch.Tensor, flip: bool) -> list[torch.Tensor]:
+    """The batches one scale's forward sees: the images, then their mirror images. Batching the two into
+    one forward was measured slower on 2 CPU cores (5.6 against 9.1 images/s: the larger batch at 256 px
+    falls out of cache), so they stay two forwards."""
+    return [x, x.flip(-1)] if flip else [x]
+
+
+@torch.inference_mode()
 def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, scales: list[float],
                     flip: bool, align: bool = False, context: bool | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -57,8 +64,7 @@ def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, s
     for scale in scales:
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                       align_corners=False, recompute_scale_factor=False)
-        views = [x, x.flip(-1)] if flip else [x]
-        for v, view in enumerate(views):
+        for v, view in enumerate(seed_views(x, flip)):
             cam, pacam = model.infer(view, labels, align=align, context=context)
             maps = [cam] if pacam is None else [cam, pacam]
             maps = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
@@ -105,8 +111,11 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     done = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(dataset), initial=kept, desc="make_seeds", disable=not progress)
+    # channels_last: oneDNN's depthwise convolutions run 1.3x faster in it on CPU (results/benchmarks.md)
+    model = model.to(memory_format=torch.channels_last)
     for ids in todo:
         images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
+        images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])).to(device)
         cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
         for b, image_id in enumerate(ids):

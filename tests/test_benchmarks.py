@@ -68,3 +68,35 @@ def test_naive_loop_gives_the_stage_maps(suite, tiny_params: dict, tiny_data: Pa
         stored = load_seeds(seed_path(tmp_path, image_id))
         for kind, m in maps.items():
             assert np.abs(stored[kind].astype(np.float32) - m).max() < 2e-3, (image_id, kind)
+
+
+def test_hotspots_name_the_heaviest_operator(suite) -> None:
+    a = torch.randn(256, 256)
+    ops = suite.hotspots(lambda: [torch.mm(a, a) for _ in range(3)] + [a.sum()], top=3)
+    assert ops[0]["op"] == "aten::mm" and ops[0]["calls"] == 3
+    assert 0 < sum(o["share"] for o in ops) <= 1.0 + 1e-9
+
+
+def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
+    """results/chain.md: means over seeds, gains paired by seed, the upper bound shared by a seed's rows."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("bench_chain", ROOT / "benchmarks" / "chain.py")
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+    rows = []
+    for seed, (cam_pm, cpal_pm, cpal_seg, ub) in enumerate([(0.50, 0.55, 0.45, 0.50), (0.60, 0.62, 0.40, 0.50)]):
+        rows += [{"method": "cam", "seed": seed, "step": "pseudo-masks", "miou": cam_pm},
+                 {"method": "cam", "seed": seed, "step": "upper bound", "miou": ub},
+                 {"method": "cam", "seed": seed, "step": "+CRF", "miou": 0.6},
+                 {"method": "cam", "seed": seed, "step": "+IRN", "miou": 0.5},
+                 {"method": "cpal", "seed": seed, "step": "pseudo-masks", "miou": cpal_pm},
+                 {"method": "cpal", "seed": seed, "step": "DeepLab", "miou": cpal_seg}]
+    rows.append({"method": "cpal", "seed": 2, "step": "pseudo-masks", "miou": 0.9})  # no cam row for seed 2
+    df = pd.DataFrame(rows)
+    assert chain.paired(df, ("cpal", "pseudo-masks"), ("cam", "pseudo-masks")) == pytest.approx([5.0, 2.0])
+    text = chain.report(df, ["cam", "cpal"], "python benchmarks/chain.py --seeds 0 1", None)
+    assert "CPAL's pseudo-masks over the CAM baseline's: +3.5 points (per seed +5.0, +2.0; goal +3: met)" in text
+    assert "0.850 of the upper bound (per seed 0.90, 0.80; goal 0.85: met)" in text
+    assert "cam: +IRN minus +CRF -10.0 points (CRF above IRN; seeds 2)" in text
+    assert "| upper bound | 50.0 ± 0.0 | 50.0 ± 0.0 |" in text

@@ -139,7 +139,9 @@ def test_seeds_written_and_evaluated(tiny_params: dict, tiny_data: Path, trained
             # each class map is divided by its maximum; a class the model never activates stays all zero
             assert np.all(np.isclose(peaks, 1.0, atol=1e-3) | (peaks == 0)), peaks
         bg = seeds["pacam_bg"].astype(np.float32)  # the prototype map's own background, for SIPE's protocol
-        assert bg.shape == ds.image_size(image_id) and bg.min() >= 0 and np.isclose(bg.max(), 1.0, atol=1e-3)
+        # divided by its maximum; all zero where the image has no background seed (a barely trained model)
+        assert bg.shape == ds.image_size(image_id) and bg.min() >= 0
+        assert np.isclose(bg.max(), 1.0, atol=1e-3) or bg.max() == 0
     results = evaluate_seeds(ds, tmp_path / "seeds", thresholds_from(tiny_params["seeds"]), LOG, progress=False)
     for kind in ("cam", "pacam"):
         assert 0 <= results[kind]["miou"] <= 1
