@@ -242,7 +242,8 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     dataset = VOCDataset(data_dir, subset_split(data_dir, params["seeds"]["split"], n, "bench_seeds"))
     model = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     cfg = params["seeds"]
-    batches = [torch.stack([to_tensor(dataset.image(i)) for i in ids])
+    model = model.to(memory_format=torch.channels_last)  # the stage's layout (cpal/seeds.py)
+    batches = [torch.stack([to_tensor(dataset.image(i)) for i in ids]).contiguous(memory_format=torch.channels_last)
                for ids in _size_batches(dataset, cfg["batch_size"])]
 
     def run() -> None:
@@ -482,8 +483,6 @@ def markdown(r: dict[str, Any]) -> str:
          steps["method_over_cam"] <= 1.3),
         ("train_cls: bare backbone forward+backward / plain-CAM step", f"{steps['bare_over_cam']:.2f}", ">= 0.85",
          steps["bare_over_cam"] >= 0.85),
-        ("training FLOP/s / matmul FLOP/s (the faster GEMM)", f"{train['fraction_of_matmul']:.2f}", ">= 0.5",
-         train["fraction_of_matmul"] >= 0.5),
     ]
     if e2e:
         goals += [
@@ -512,7 +511,8 @@ def markdown(r: dict[str, Any]) -> str:
          ".3f", 1),
         ("train_cls step s, plain CAM (same backbone and batch)", steps["cam_step_s"], ".3f", 1),
         ("bare backbone forward + backward s (same batch)", steps["bare_step_s"], ".3f", 1),
-        ("training FLOPs per image, G (forward + backward, FlopCounterMode)", [train["flops_per_image"]], ".2f", 1e-9),
+        ("training FLOPs per image, G (FlopCounterMode; counts grouped convolutions as dense, so overstated for"
+         " the depthwise layers: no roofline bound here)", [train["flops_per_image"]], ".2f", 1e-9),
         ("training FLOP/s, G (FLOPs per image x median images/s)", [train["flops_per_s"]], ".1f", 1e-9),
         (f"dense matmul FLOP/s, G (float32 {mm['n']}^3, torch.mm: MKL)",
          [2 * mm["n"] ** 3 / t for t in mm["seconds"]], ".1f", 1e-9),
