@@ -241,7 +241,8 @@ WRONG = [
      f"params.K = {BANK + 1} is invalid: K must not exceed params.bank_size = {BANK}"),
     ("low > high", _set("train_cls.scale_range", [1.1, 0.9]), "train_cls.scale_range = [1.1, 0.9] is invalid"),
     ("low > high", _set("seeds.bg_threshold_max", 0.04), "seeds.bg_threshold_min = 0.05 is invalid"),
-    ("fg < bg", _set("irn.bg_threshold", 0.6), "irn.bg_threshold = 0.6 is invalid"),
+    ("fg < bg", lambda p: (_set("irn.fg_threshold", 0.5)(p), _set("irn.bg_threshold", 0.6)(p)),
+     "irn.bg_threshold = 0.6 is invalid"),  # both numbers: `auto` planes are checked once derived
     ("null", _set("seg.lr", None), "seg.lr = None is invalid"),
     ("not YAML", None, "not valid YAML"),
     ("not a mapping", None, "expected a mapping of sections"),
