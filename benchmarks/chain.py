@@ -34,6 +34,9 @@ from cpal.io import atomic_path, write_text
 from cpal.report import collect_rows, stage_seconds
 from cpal.runtime import machine_description
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite, also when loaded by file path
+from suite import fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)
+
 METHODS = ("cam", "sipe", "cpal")
 TARGETS = ["results/eval_seeds.json", "results/eval_crf.json", "results/eval_irn.json", "results/eval_pseudo.json",
            "results/eval_seg.json"]
@@ -45,11 +48,7 @@ TIMED = ["make_seeds", "train_cls", "refine_crf", "ir_labels", "train_irn", "ref
 
 def prepare(ws: Path, method: str, seed: int, data_dir: Path, classifiers: Path | None) -> list[str]:
     """A fresh copy of the committed tree with the overrides; returns extra Snakemake arguments."""
-    if ws.exists():
-        shutil.rmtree(ws)
-    ws.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "HEAD"], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(ws)], input=archive, check=True)
+    fresh_copy(ws)
     (ws / "override.yaml").write_text(f"params:\n  method: {method}\nrun:\n  seed: {seed}\n")
     link = ws / data_dir
     link.parent.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,20 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     return timed(run, repeats)
 
 
+def optimizer_step(loss_fn, optimizer: torch.optim.Optimizer):
+    """One training step as the stages run it: loss, zero_grad, backward, optimizer step."""
+    def step() -> None:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [q for q in model.parameters() if q.requires_grad]
+
+
 def step_ratios(params: dict[str, Any], data_dir: Path, repeats: int, steps: int = 4) -> dict[str, Any]:
     """Seconds per training step: the configured method's, plain CAM's and the bare backbone's forward and
     backward, same backbone, batch and crop (random images, real image labels); optimizer step included
@@ -279,14 +293,8 @@ def step_ratios(params: dict[str, Any], data_dir: Path, repeats: int, steps: int
         p["params"]["method"] = method
         torch.manual_seed(0)
         model = build_model(p, dataset.num_classes - 1).train()
-        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-7)
-
-        def step(model=model, opt=opt) -> None:
-            loss = model(images, labels)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = optimizer_step(lambda model=model: model(images, labels)["loss"],
+                              torch.optim.AdamW(trainable(model), lr=1e-7))
         for _ in range(2):  # warm-up; fills the CPAL bank
             step()
         out[f"{method}_step_s"] = [t / steps for t in timed(lambda step=step: [step() for _ in range(steps)],
@@ -341,14 +349,8 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
     images = torch.stack([to_tensor(dataset.image(i)) for i in dataset.ids[:batch]])
     labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in dataset.ids[:batch]]))
     model = build_model(params, dataset.num_classes - 1).train()
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-7)
-
-    def cls_step() -> None:
-        loss = model(images[:, :, :crop, :crop], labels)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    cls_step = optimizer_step(lambda: model(images[:, :, :crop, :crop], labels)["loss"],
+                              torch.optim.AdamW(trainable(model), lr=1e-7))
     out[f"train_cls ({params['params']['method']} step, batch {batch})"] = hotspots(cls_step)
     trained = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     sb = params["seeds"]["batch_size"]
@@ -361,28 +363,16 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
     grid = torch.full((ib, images.shape[2] // 4, images.shape[3] // 4), IGNORE, dtype=torch.long)
     grid[:, ::2] = 0
     grid[:, 1::2] = 1
-    iopt = torch.optim.SGD(net.head_parameters(), lr=1e-7)
-
-    def irn_step() -> None:
-        loss = affinity_loss(net, images[:ib], grid, index)["loss"]
-        iopt.zero_grad(set_to_none=True)
-        loss.backward()
-        iopt.step()
-
+    irn_step = optimizer_step(lambda: affinity_loss(net, images[:ib], grid, index)["loss"],
+                              torch.optim.SGD(net.head_parameters(), lr=1e-7))
     out[f"train_irn (step, batch {ib})"] = hotspots(irn_step)
     scfg = seg_config(params)
     seg = build_segmenter(scfg, dataset.num_classes).train()
-    sopt = torch.optim.AdamW(seg.parameters(), lr=1e-7)
     scrop, sbatch = scfg["crop_size"], scfg["batch_size"]
     target = torch.randint(0, dataset.num_classes, (sbatch, scrop, scrop))
-
-    def seg_step() -> None:
-        logits = seg(images[:sbatch, :, :scrop, :scrop])
-        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
-        sopt.zero_grad(set_to_none=True)
-        loss.backward()
-        sopt.step()
-
+    seg_step = optimizer_step(
+        lambda: torch.nn.functional.cross_entropy(seg(images[:sbatch, :, :scrop, :scrop]), target, ignore_index=255),
+        torch.optim.AdamW(seg.parameters(), lr=1e-7))
     out[f"train_seg (step, batch {sbatch}, {scrop} px)"] = hotspots(seg_step)
     return out
 
@@ -609,8 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     parts: dict[str, Any] = {"matmul": matmul_flops(args.repeats)}
     flops = training_flops_per_image(params, data_dir)
     ips = train_images_per_s(params, data_dir, args.work, args.repeats)
-    parts["train"] = {"images_per_s": ips, "flops_per_image": flops, "flops_per_s": flops * med(ips),
-                      "fraction_of_matmul": flops * med(ips) / parts["matmul"]["flops_per_s"]}
+    parts["train"] = {"images_per_s": ips, "flops_per_image": flops, "flops_per_s": flops * med(ips)}
     parts["seeds"] = seeds_batched_vs_naive(params, ws, args.seed_images, args.repeats)
     parts["seeds"]["bare_s"] = bare_seed_forward(params, ws, args.seed_images, args.repeats)
     parts["seeds"]["bare_over_batched"] = med(parts["seeds"]["bare_s"]) / med(parts["seeds"]["batched_s"])
