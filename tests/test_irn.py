@@ -186,6 +186,29 @@ def test_affinity_is_one_minus_the_path_maximum() -> None:
                 assert aff[d, y, x] == pytest.approx(expected, abs=1e-6)
 
 
+def test_affinity_gradient_goes_to_each_path_maximum() -> None:
+    """The training path (one scatter-add) matches autograd through stack + amax, and the
+    no-gradient path (the random walk) gives the same values."""
+    torch.manual_seed(0)
+    index = PathIndex.of(4)
+    boundary = torch.rand(3, 9, 11, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, len(index), 9, 11, dtype=torch.float64)
+    (boundary_to_affinity(boundary, index) * weights).sum().backward()
+    fast = boundary.grad.clone()
+    boundary.grad = None
+    padded = torch.nn.functional.pad(boundary, (index.pad, index.pad, 0, index.pad), value=1.0)
+    reference = torch.stack([
+        1.0 - torch.stack([padded[:, y:y + 9, index.pad + x:index.pad + x + 11] for y, x in cells]).amax(0)
+        for cells in index.paths], dim=1)
+    (reference * weights).sum().backward()
+    assert torch.allclose(fast, boundary.grad, atol=1e-12)
+    assert fast.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(boundary_to_affinity(boundary, index), reference.detach())
+    assert torch.autograd.gradcheck(lambda b: boundary_to_affinity(b, PathIndex.of(3)),
+                                    (torch.rand(2, 5, 6, dtype=torch.float64, requires_grad=True),))
+
+
 # -- random walk ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["sparse", "dense"])
