@@ -26,6 +26,7 @@ from cpal.runtime import seed_everything
 from cpal.training import (
     CheckpointError,
     build_optimizer,
+    channels_last,
     config_fingerprint,
     load_checkpoint,
     load_resume,
@@ -99,7 +100,7 @@ def evaluate_map(model: CAMNet, dataset: VOCDataset, device: torch.device, batch
     scores, targets = [], []
     for start in range(0, len(dataset), batch_size):
         ids = dataset.ids[start:start + batch_size]
-        images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
+        images = channels_last(torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device))
         scores.append(model.classify(images).float().cpu())
         targets.append(torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])))
     model.train()
@@ -168,7 +169,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         raise ValueError(f"train_cls.batch_size = {batch} exceeds the {len(data)} training images (drop_last)")
     total_steps = steps_per_epoch * cfg["epochs"]
 
-    model = build_model(params, train_set.num_classes - 1).to(device)
+    model = channels_last(build_model(params, train_set.num_classes - 1).to(device))
     if ctx.distributed:
         if cfg.get("sync_bn", False):
             model = distributed.convert_sync_batchnorm(model, ctx)
@@ -204,7 +205,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and ctx.is_main),
                    leave=False)
         for step, (images, targets, valid, _) in enumerate(bar):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            images, targets = channels_last(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             valid = valid.to(device, non_blocking=True) if cfg["mask_padding"] else None
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 out = net(images, targets, valid)

@@ -34,6 +34,7 @@ from cpal.models.backbone import build_backbone
 from cpal.runtime import seed_everything
 from cpal.training import (
     build_optimizer,
+    channels_last,
     config_fingerprint,
     load_resume,
     poly_lambda,
@@ -138,7 +139,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     index = PathIndex.of(cfg["radius"])
 
     model, _ = build_boundary_net(params, classifier)
-    model = model.to(device)
+    model = channels_last(model.to(device))
     optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
@@ -162,7 +163,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"train_irn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
         for images, labels, _ in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             terms = affinity_loss(model, images, labels, index)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()

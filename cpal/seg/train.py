@@ -26,6 +26,7 @@ from cpal.seg.model import Segmenter, build_segmenter, param_groups
 from cpal.training import (
     CheckpointError,
     build_optimizer,
+    channels_last,
     config_fingerprint,
     load_checkpoint,
     load_resume,
@@ -144,7 +145,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
     num_classes = train_set.num_classes
-    model = build_segmenter(cfg, num_classes).to(device)
+    model = channels_last(build_segmenter(cfg, num_classes).to(device))
     if sync_bn:
         model = distributed.convert_sync_batchnorm(model, ctx)
     net = distributed.wrap_ddp(model, ctx)
@@ -182,7 +183,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         for images, labels, _ in bar:
             if step >= total_steps:
                 break
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 logits = net(images)
             n = images.shape[0]
