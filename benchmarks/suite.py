@@ -235,7 +235,7 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
 
     from cpal.data.torch_data import to_tensor
     from cpal.data.voc import VOCDataset
-    from cpal.seeds import _size_batches, seed_views
+    from cpal.seeds import seed_views
     from cpal.train_cls import load_trained_model
 
     data_dir = ws / params["data"]["dir"]
@@ -244,7 +244,7 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     cfg = params["seeds"]
     model = model.to(memory_format=torch.channels_last)  # the stage's layout (cpal/seeds.py)
     batches = [torch.stack([to_tensor(dataset.image(i)) for i in ids]).contiguous(memory_format=torch.channels_last)
-               for ids in _size_batches(dataset, cfg["batch_size"])]
+               for ids in dataset.size_batches(cfg["batch_size"])]
 
     def run() -> None:
         with torch.inference_mode():

@@ -109,6 +109,30 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and never hand freed memory back to the kernel (glibc).
+
+    By default glibc maps each block above 128 KiB-32 MiB afresh with mmap and unmaps it on free, so
+    every activation tensor of every forward and backward pass is page-faulted in anew: on 2 cores that
+    first touch was a quarter of a Lite0 forward (torch.profiler shows it as `aten::fill_` of the "same"
+    padding), and a seed batch ran 1.8x faster without it (results/benchmarks.md). The cost: a stage
+    keeps its peak memory until it exits. Returns whether it took effect (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+
+
 def process_cost() -> str:
     """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<this process>`.
 

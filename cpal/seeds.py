@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,6 @@ from cpal.io import inputs_stamp, partial_folder, publish_folder
 from cpal.models.cam_net import CAMNet
 from cpal.seed_io import BACKGROUND_KEY, save_seeds, seed_path
 from cpal.training import channels_last, config_fingerprint
-
-
-def _size_batches(dataset: VOCDataset, batch_size: int) -> list[list[str]]:
-    """Ids grouped by image size (so a batch needs no padding), in split order within a size."""
-    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for image_id in dataset.ids:
-        groups[dataset.image_size(image_id)].append(image_id)
-    return [ids[i:i + batch_size] for ids in groups.values() for i in range(0, len(ids), batch_size)]
 
 
 def seed_views(x: torch.Tensor, flip: bool) -> list[torch.Tensor]:
@@ -102,7 +93,7 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
                log: logging.Logger, progress: bool = True, context: bool | None = None) -> dict[str, Any]:
     """Write one seed .npz per image (each atomically, published as a folder); return counts and timing."""
     out_dir = Path(out_dir)
-    batches = _size_batches(dataset, cfg["batch_size"])
+    batches = dataset.size_batches(cfg["batch_size"])
     partial = partial_folder(out_dir, seeds_fingerprint(model, dataset, cfg, device, context))
     todo = [ids for ids in batches if not all(seed_path(partial, i).is_file() for i in ids)]
     kept = len(dataset) - sum(len(ids) for ids in todo)

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from cpal.config import ParamsError, load_params
-from cpal.runtime import process_cost, setup_logging
+from cpal.runtime import keep_freed_memory, process_cost, setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
         outcome["failed"] = True
         log.error("%s", exc)
         raise SystemExit(2) from None
+    keep_freed_memory()
     threads = params["run"].get("torch_threads", 0)
     if threads and "torch" in sys.modules:  # stages that use torch have imported it by now
         sys.modules["torch"].set_num_threads(threads)

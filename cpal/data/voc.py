@@ -108,6 +108,13 @@ class VOCDataset:
             raise DatasetError(f"unreadable image: {path} ({exc})") from exc
         return h, w
 
+    def size_batches(self, batch_size: int, ids: list[str] | None = None) -> list[list[str]]:
+        """`ids` (default: all) grouped by image size, so a batch needs no padding; split order within a size."""
+        groups: dict[tuple[int, int], list[str]] = {}
+        for image_id in self.ids if ids is None else ids:
+            groups.setdefault(self.image_size(image_id), []).append(image_id)
+        return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
     def mask(self, image_id: str) -> np.ndarray:
         """Ground-truth class indices (H, W) uint8, 255 = ignore; checked against the image and classes."""
         return self.label_map(self.mask_path(image_id), image_id)

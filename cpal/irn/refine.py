@@ -31,8 +31,9 @@ from cpal.irn.random_walk import random_walk
 from cpal.irn.thresholds import resolve_planes
 from cpal.runtime import peak_rss_mib
 from cpal.seed_io import check_complete, resolve_map, seed_path
-from cpal.training import config_fingerprint, resolve_device
+from cpal.training import channels_last, config_fingerprint, resolve_device
 
+BOUNDARY_BATCH = 16  # images per boundary forward (same size only)
 REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk")
 
 
@@ -56,25 +57,23 @@ def labels_from_walk(walked: torch.Tensor, keys: np.ndarray, size: tuple[int, in
     return lut[scores.argmax(dim=0).cpu().numpy()]
 
 
-def refine_image(model: BoundaryNet, image: np.ndarray, maps: np.ndarray, keys: np.ndarray, cfg: dict[str, Any],
-                 index: PathIndex, device: torch.device) -> tuple[np.ndarray, dict[str, float]]:
-    """One image's label map and the seconds spent on the boundary map and on the walk."""
-    size = image.shape[:2]
+def boundaries(model: BoundaryNet, images: list[np.ndarray], flip: bool, device: torch.device) -> torch.Tensor:
+    """Boundary maps (B, h, w) of same-sized images in one forward (per image: 2.5x slower on 2 cores)."""
+    batch = channels_last(torch.stack([to_tensor(image) for image in images]).to(device))
+    return model.boundary(batch, flip=flip)
+
+
+def refine_image(boundary: torch.Tensor, size: tuple[int, int], maps: np.ndarray, keys: np.ndarray,
+                 cfg: dict[str, Any], index: PathIndex, device: torch.device) -> np.ndarray:
+    """One image's label map from its boundary map (h, w) and seed maps."""
     if len(keys) == 0:
-        return np.zeros(size, dtype=np.uint8), {"boundary": 0.0, "walk": 0.0}
-    t0 = time.perf_counter()
-    boundary = model.boundary(to_tensor(image)[None].to(device), flip=cfg["flip"])[0]
-    _sync(device)
-    t1 = time.perf_counter()
+        return np.zeros(size, dtype=np.uint8)
     grid = to_grid(torch.from_numpy(maps).to(device), grid_size(*size))
     if boundary.shape != grid.shape[1:]:
         raise ValueError(f"boundary grid {tuple(boundary.shape)} differs from the seed grid {tuple(grid.shape[1:])}")
     grid = grid.clamp_min(0).pow(cfg["power"])
     walked = random_walk(grid, boundary, index, cfg["beta"], cfg["exp_times"], cfg["walk"])
-    label = labels_from_walk(walked, keys, size, cfg["sem_seg_bg_thres"])
-    _sync(device)
-    t2 = time.perf_counter()
-    return label, {"boundary": t1 - t0, "walk": t2 - t1}
+    return labels_from_walk(walked, keys, size, cfg["sem_seg_bg_thres"])
 
 
 def _sync(device: torch.device) -> None:
@@ -107,13 +106,23 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"boundary": [], "walk": []}
     t0 = time.perf_counter()
-    for image_id in tqdm(todo, desc="refine_irn", disable=not progress):
-        image = dataset.image(image_id)
-        maps, keys = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
-        label, spent = refine_image(model, image, maps, keys, cfg, index, device)
-        save_label_png(partial / f"{image_id}.png", label)
-        for key, value in spent.items():
-            times[key].append(value)
+    bar = tqdm(total=len(todo), desc="refine_irn", disable=not progress)
+    model = channels_last(model)
+    for ids in dataset.size_batches(BOUNDARY_BATCH, todo):
+        images = [dataset.image(i) for i in ids]
+        t1 = time.perf_counter()
+        edges = boundaries(model, images, cfg["flip"], device)
+        _sync(device)
+        times["boundary"] += [(time.perf_counter() - t1) / len(ids)] * len(ids)
+        for image_id, image, boundary in zip(ids, images, edges, strict=True):
+            maps, keys = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
+            t1 = time.perf_counter()
+            label = refine_image(boundary, image.shape[:2], maps, keys, cfg, index, device)
+            _sync(device)
+            times["walk"].append(time.perf_counter() - t1)
+            save_label_png(partial / f"{image_id}.png", label)
+            bar.update()
+    bar.close()
     seconds = time.perf_counter() - t0
     publish_folder(partial, out_dir)
     n = max(len(todo), 1)
