@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cpal.io import write_json, write_text
-from cpal.runtime import machine_description
+from cpal.runtime import keep_freed_memory, machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)")
@@ -595,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                  100 * e2e[-1]["overhead_fraction"])
     params = load_params(ws / "params.yaml")
     data_dir = ws / params["data"]["dir"]
+    keep_freed_memory()  # as every stage does (stages/common.py), so the parts are timed as they run
+    torch.set_num_threads(params["run"]["torch_threads"] or torch.get_num_threads())
     torch.manual_seed(0)
     parts: dict[str, Any] = {"matmul": matmul_flops(args.repeats)}
     flops = training_flops_per_image(params, data_dir)

@@ -7,8 +7,10 @@ import importlib.util
 import logging
 import pkgutil
 import re
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import cpal
@@ -68,3 +70,36 @@ def test_data_stage_log_holds_the_voc_messages(tmp_path: Path, default_params: d
     text = log_file.read_text()
     assert re.search(STAMP + r"data INFO started$", text, re.M)
     assert re.search(STAMP + rf"cpal\.data\.voc12 INFO VOC 2012 written to {re.escape(str(out))}", text, re.M)
+
+
+FAULTS = """
+import resource, sys
+import numpy as np
+from cpal.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults_of_one_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB: above glibc's largest mmap threshold
+    del buf
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_buffer()
+print(kept, faults_of_one_buffer())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_new_page_faults() -> None:
+    """A buffer freed and allocated again is page-faulted in anew by default (mmap / munmap); with
+    keep_freed_memory (every stage) the second one reuses the heap."""
+    import subprocess
+
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        return out[0], int(out[1])
+
+    kept, faults = run("keep")
+    _, default_faults = run("default")
+    assert kept == "True"
+    assert default_faults >= 32  # the default: touched anew (at least once per 2 MiB huge page)
+    assert faults <= default_faults // 10
