@@ -246,3 +246,43 @@ def test_cpal_step_is_fast_on_cpu() -> None:
 
     cam, cpal = best_step("cam"), best_step("cpal")
     assert cpal < 2.0 * cam + 0.05, f"CPAL step {cpal:.3f} s vs CAM step {cam:.3f} s"
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial statistics and affine terms, so folding them is checked for real."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("kind", ["efficientnet_lite0", "resnet18", "seg_efficientnet_lite0", "seg_resnet50"])
+def test_batchnorm_folded_into_convolutions_gives_the_same_outputs(kind: str) -> None:
+    """Inference stages run with every conv + BatchNorm pair folded (fuse_batchnorm): same numbers,
+    no BatchNorm left, and a model still training is refused."""
+    import copy
+
+    from cpal.models.backbone import fuse_batchnorm
+    from cpal.seg.model import build_segmenter
+
+    if kind.startswith("seg_"):
+        head = "v3" if kind == "seg_resnet50" else "v2"
+        model = build_segmenter({"backbone": kind[4:], "head": head, "init": "none"}, 5)
+    else:
+        model = build_backbone(kind, pretrained=False, output_stride=16)
+    _randomise_batchnorm(model)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(model.train())
+    model.eval()
+    fused = fuse_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = images(2, 64)
+    with torch.no_grad():
+        want = model.forward_with_stem(x) if hasattr(model, "forward_with_stem") else [model(x)]
+        got = fused.forward_with_stem(x) if hasattr(fused, "forward_with_stem") else [fused(x)]
+    for a, b in zip(want, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max())), float((a - b).abs().max())

@@ -15,6 +15,7 @@ schedule. Resumable: a checkpoint after every epoch; a rerun with the same setti
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from cpal.data.voc import VOCDataset
 from cpal.io import inputs_stamp, load_label_png, write_json
 from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
 from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
-from cpal.models.backbone import build_backbone
+from cpal.models.backbone import build_backbone, fuse_batchnorm
 from cpal.runtime import seed_everything
 from cpal.training import (
     build_optimizer,
@@ -139,6 +140,8 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     index = PathIndex.of(cfg["radius"])
 
     model, _ = build_boundary_net(params, classifier)
+    trained_backbone = model.backbone  # saved as it came; the frozen copy that runs has its BatchNorm folded
+    model.backbone = fuse_batchnorm(copy.deepcopy(trained_backbone).eval())
     model = channels_last(model.to(device))
     optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
@@ -192,6 +195,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
               "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
               "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
               "epoch_seconds": [h["seconds"] for h in history]}
+    model.backbone = trained_backbone.to(device)
     save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "timing.json", timing)

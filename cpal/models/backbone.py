@@ -208,3 +208,42 @@ def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16)
     if name in EFFICIENTNETS:
         return _efficientnet_lite0(pretrained, output_stride)
     raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")
+
+
+class _AfterNorm(nn.Module):
+    """What a BatchNorm layer did after normalising (timm's BatchNormAct2d: dropout, activation)."""
+
+    def __init__(self, norm: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.drop = getattr(norm, "drop", nn.Identity())
+        self.act = getattr(norm, "act", nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+@torch.no_grad()
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into it, in place, for inference.
+
+    Inference-only stages (seeds, IRN's frozen backbone, DeepLab evaluation) normalise with fixed
+    statistics, so y = bn(conv(x)) is one convolution with rescaled weights and a bias; the separate
+    BatchNorm pass was a quarter of a Lite0 forward on 2 cores. Pairs are siblings registered one after
+    the other (conv, then its norm), which is their call order in timm's EfficientNet blocks and
+    torchvision's ResNets; tests/test_models.py checks outputs equal for every backbone. Only call on a
+    model in eval mode whose weights no longer change.
+    """
+    if model.training:
+        raise ValueError("fuse_batchnorm: the model must be in eval mode (its BatchNorm statistics fixed)")
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if (type(norm) in (nn.BatchNorm2d, timm.layers.BatchNormAct2d) and isinstance(conv, nn.Conv2d)
+                    and norm.track_running_stats and conv.out_channels == norm.num_features):
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias, requires_grad=False)
+                parent._modules[second] = _AfterNorm(norm)
+    return model
