@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from cpal.io import write_json, write_text
+from cpal.models.backbone import for_inference
 from cpal.runtime import keep_freed_memory, machine_description
+from cpal.training import channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)")
@@ -217,7 +219,8 @@ def seeds_batched_vs_naive(params: dict[str, Any], ws: Path, n: int, repeats: in
     batched = timed(lambda: make_seeds(model, dataset, out, params["seeds"], torch.device("cpu"), LOG,
                                        progress=False), repeats)
     naive_maps: dict = {}
-    naive = timed(lambda: naive_maps.update(naive_seeds(model, dataset, params["seeds"])), repeats)
+    prepared = for_inference(model)  # as make_seeds runs it: the ratio is batching alone
+    naive = timed(lambda: naive_maps.update(naive_seeds(prepared, dataset, params["seeds"])), repeats)
     diff = 0.0
     for image_id, maps in naive_maps.items():
         stored = load_seeds(seed_path(out, image_id))
@@ -242,7 +245,7 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     dataset = VOCDataset(data_dir, subset_split(data_dir, params["seeds"]["split"], n, "bench_seeds"))
     model = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     cfg = params["seeds"]
-    model = model.to(memory_format=torch.channels_last)  # the stage's layout (cpal/seeds.py)
+    model = for_inference(model)  # as the stage runs it (cpal/seeds.py): folded BatchNorm, channels_last
     batches = [torch.stack([to_tensor(dataset.image(i)) for i in ids]).contiguous(memory_format=torch.channels_last)
                for ids in dataset.size_batches(cfg["batch_size"])]
 
@@ -284,7 +287,7 @@ def step_ratios(params: dict[str, Any], data_dir: Path, repeats: int, steps: int
     dataset = VOCDataset(data_dir, cfg["train_split"])
     batch, crop = cfg["batch_size"], cfg["crop_size"]
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, crop, crop, generator=gen)
+    images = channels_last(torch.randn(batch, 3, crop, crop, generator=gen))  # the stage's layout
     labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in dataset.ids[:batch]]))
     out: dict[str, Any] = {"batch": batch, "crop": crop, "steps": steps}
     bare = None
@@ -292,7 +295,7 @@ def step_ratios(params: dict[str, Any], data_dir: Path, repeats: int, steps: int
         p = json.loads(json.dumps(params))
         p["params"]["method"] = method
         torch.manual_seed(0)
-        model = build_model(p, dataset.num_classes - 1).train()
+        model = channels_last(build_model(p, dataset.num_classes - 1)).train()
         step = optimizer_step(lambda model=model: model(images, labels)["loss"],
                               torch.optim.AdamW(trainable(model), lr=1e-7))
         for _ in range(2):  # warm-up; fills the CPAL bank
@@ -335,7 +338,7 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
     from cpal.data.voc import VOCDataset
     from cpal.irn.labels import IGNORE
     from cpal.irn.path_index import PathIndex
-    from cpal.irn.train import affinity_loss, build_boundary_net
+    from cpal.irn.train import affinity_loss, build_boundary_net, runnable
     from cpal.seeds import multiscale_maps
     from cpal.seg.model import build_segmenter
     from cpal.seg.train import seg_config
@@ -346,18 +349,19 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
     out: dict[str, list[dict[str, Any]]] = {}
     cfg = params["train_cls"]
     batch, crop = cfg["batch_size"], cfg["crop_size"]
-    images = torch.stack([to_tensor(dataset.image(i)) for i in dataset.ids[:batch]])
+    images = channels_last(torch.stack([to_tensor(dataset.image(i)) for i in dataset.ids[:batch]]))  # as the stages
     labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in dataset.ids[:batch]]))
-    model = build_model(params, dataset.num_classes - 1).train()
+    model = channels_last(build_model(params, dataset.num_classes - 1)).train()
     cls_step = optimizer_step(lambda: model(images[:, :, :crop, :crop], labels)["loss"],
                               torch.optim.AdamW(trainable(model), lr=1e-7))
     out[f"train_cls ({params['params']['method']} step, batch {batch})"] = hotspots(cls_step)
     trained = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     sb = params["seeds"]["batch_size"]
+    trained, seed_images = for_inference(trained), channels_last(images[:sb])  # as make_seeds
     out[f"make_seeds (one batch of {sb}, every scale and flip)"] = hotspots(
-        lambda: multiscale_maps(trained, images[:sb], labels[:sb], params["seeds"]["scales"], params["seeds"]["flip"]))
+        lambda: multiscale_maps(trained, seed_images, labels[:sb], params["seeds"]["scales"], params["seeds"]["flip"]))
     net, _ = build_boundary_net(params, ws / "outputs" / "train_cls" / "model.pt")
-    net.train()
+    net = runnable(net)[0].train()  # as train_irn runs it
     index = PathIndex.of(params["irn"]["radius"])
     ib = params["irn"]["batch_size"]
     grid = torch.full((ib, images.shape[2] // 4, images.shape[3] // 4), IGNORE, dtype=torch.long)
@@ -367,11 +371,12 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
                               torch.optim.SGD(net.head_parameters(), lr=1e-7))
     out[f"train_irn (step, batch {ib})"] = hotspots(irn_step)
     scfg = seg_config(params)
-    seg = build_segmenter(scfg, dataset.num_classes).train()
+    seg = channels_last(build_segmenter(scfg, dataset.num_classes)).train()
     scrop, sbatch = scfg["crop_size"], scfg["batch_size"]
     target = torch.randint(0, dataset.num_classes, (sbatch, scrop, scrop))
     seg_step = optimizer_step(
-        lambda: torch.nn.functional.cross_entropy(seg(images[:sbatch, :, :scrop, :scrop]), target, ignore_index=255),
+        lambda: torch.nn.functional.cross_entropy(seg(channels_last(images[:sbatch, :, :scrop, :scrop])), target,
+                                                  ignore_index=255),
         torch.optim.AdamW(seg.parameters(), lr=1e-7))
     out[f"train_seg (step, batch {sbatch}, {scrop} px)"] = hotspots(seg_step)
     return out
@@ -457,12 +462,12 @@ def med(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def markdown(r: dict[str, Any]) -> str:
+def goals_of(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(goal, measured, target, met) of one result (this run's, or an earlier --before one)."""
     e2e, parts = r["e2e"], r["parts"]
     walls = [run["wall_s"] for run in e2e]
     overhead = [run["overhead_fraction"] for run in e2e]
-    train, mm = parts["train"], parts["matmul"]
-    seeds, crf, walk, ev, steps = parts["seeds"], parts["crf"], parts["walk"], parts["eval"], parts["steps"]
+    seeds, steps = parts["seeds"], parts["steps"]
     method = steps["method"]
     goals = [
         ("make_seeds batched vs naive loop", f"{seeds['speedup']:.2f}x (max map difference "
@@ -480,6 +485,23 @@ def markdown(r: dict[str, Any]) -> str:
              med(walls) <= 360),
             ("orchestration overhead", f"{100 * med(overhead):.1f}%", "<= 5%", med(overhead) <= 0.05),
         ]
+    elif r.get("artifact_stages"):
+        wall = covered_seconds([(c["start"], c["end"]) for c in r["artifact_stages"].values()])
+        goals.append(("whole embedded default (the artifacts' own run: time its stages cover)", f"{wall:.0f} s",
+                      "<= 360 s (ceiling 600)", wall <= 360))
+    return goals
+
+
+def markdown(r: dict[str, Any]) -> str:
+    e2e, parts = r["e2e"], r["parts"]
+    walls = [run["wall_s"] for run in e2e]
+    overhead = [run["overhead_fraction"] for run in e2e]
+    train, mm = parts["train"], parts["matmul"]
+    seeds, crf, walk, ev, steps = parts["seeds"], parts["crf"], parts["walk"], parts["eval"], parts["steps"]
+    method = steps["method"]
+    goals = goals_of(r)
+    before = r.get("before")
+    earlier = {g: m for g, m, _, _ in goals_of(before)} if before else {}
     source = (f"parts measured on the artifacts of `{r['artifacts']}`, no end-to-end run" if r.get("artifacts")
               else f"{len(e2e)} end-to-end run(s)")
     lines = [
@@ -487,9 +509,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"Machine: {r['machine']}. torch threads: {r['torch_threads']}.",
         f"Command: `{r['command']}` ({r['date']}; {source}, {r['repeats']} repeats of each"
         " part; medians quoted, every sample in benchmarks.json; nothing else ran on the machine).", "",
-        "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|",
+        "## Goals", "",
     ]
-    lines += [f"| {g} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
+    if before:
+        lines += [f"Before: `{before['command']}` ({before['date']}), the code before this run's changes.", "",
+                  "| goal | before | measured | target | met |", "|---|---|---|---|---|"]
+        lines += [f"| {g} | {earlier.get(g, '')} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
+    else:
+        lines += ["| goal | measured | target | met |", "|---|---|---|---|"]
+        lines += [f"| {g} | {m} | {t} | {'yes' if ok else 'no'} |" for g, m, t, ok in goals]
     lines += [
         "", "## Parts", "", "| what | median | samples |", "|---|---|---|",
     ]
@@ -538,6 +566,21 @@ def markdown(r: dict[str, Any]) -> str:
             lines += [f"**{unit}**", "", "| operator | self ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {100 * o['share']:.0f}% | {o['calls']} |" for o in ops]
             lines.append("")
+    if before and before["parts"].get("hotspots"):
+        lines += ["## Hotspots before", "", f"The same units profiled by `{before['command']}` ({before['date']}).", ""]
+        for unit, ops in before["parts"]["hotspots"].items():
+            lines += [f"**{unit}**", "", "| operator | self ms | share | calls |", "|---|---|---|---|"]
+            lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {100 * o['share']:.0f}% | {o['calls']} |" for o in ops]
+            lines.append("")
+    if r.get("artifact_stages"):
+        costs = r["artifact_stages"]
+        lines += ["## Stages of the artifacts' pipeline run", "",
+                  "From its stage logs: wall time from process start to exit, peak RSS of the stage process.", "",
+                  "| stage | wall s | peak RSS MiB |", "|---|---|---|"]
+        for name, c in sorted(costs.items(), key=lambda kv: kv[1]["start"]):
+            lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} |")
+        lines += [f"| time covered by at least one stage | "
+                  f"{covered_seconds([(c['start'], c['end']) for c in costs.values()]):.1f} | |", ""]
     if e2e:
         lines += [
             "", "## Stages (last end-to-end run)", "",
@@ -569,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the end-to-end runs (and workspace) of the last --out JSON; measure the parts again")
     ap.add_argument("--artifacts", type=Path, default=None,
                     help="measure the parts on this workspace's outputs (a finished pipeline run); no end-to-end run")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="an earlier benchmarks.json: its goals and hotspots are shown beside this run's")
     ap.add_argument("--params-override", type=Path, default=None,
                     help="a YAML merged over params.yaml in the copy (e.g. configs/tiny.yaml to try the suite)")
     args = ap.parse_args(argv)
+    before = json.loads(args.before.read_text()) if args.before else None  # read before --out overwrites it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from cpal.config import load_params
 
@@ -617,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "artifacts": str(args.artifacts) if args.artifacts else None,
         "repeats": args.repeats, "cores": args.cores,
         "params": {k: params[k] for k in ("train_cls", "seeds")}, "e2e": e2e, "parts": parts,
+        "artifact_stages": stage_costs(ws / "outputs" / "logs") if args.artifacts else None,
+        "before": {k: before[k] for k in ("command", "date", "e2e", "parts", "artifact_stages") if k in before}
+        if before else None,
     }
     write_json(args.out.with_suffix(".json"), result)
     write_text(args.out, markdown(result))

@@ -16,7 +16,6 @@ the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.io import inputs_stamp, partial_folder, publish_folder
-from cpal.models.backbone import fuse_batchnorm
+from cpal.models.backbone import for_inference
 from cpal.models.cam_net import CAMNet
 from cpal.seed_io import BACKGROUND_KEY, save_seeds, seed_path
 from cpal.training import channels_last, config_fingerprint
@@ -104,7 +103,7 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     done = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(dataset), initial=kept, desc="make_seeds", disable=not progress)
-    model = channels_last(fuse_batchnorm(copy.deepcopy(model).eval()))  # the caller's (fingerprinted) model untouched
+    model = for_inference(model)
     for ids in todo:
         images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
         images = channels_last(images)

@@ -77,6 +77,34 @@ def test_hotspots_name_the_heaviest_operator(suite) -> None:
     assert 0 < sum(o["share"] for o in ops) <= 1.0 + 1e-9
 
 
+def test_report_puts_the_earlier_run_beside_this_one(suite, tmp_path: Path) -> None:
+    """--before: each goal's earlier value in its own column, and the earlier hotspots, from that JSON."""
+    import copy
+    import json
+
+    now = json.loads((ROOT / "results" / "benchmarks.json").read_text())
+    earlier = copy.deepcopy(now)
+    earlier["parts"]["seeds"]["speedup"] = 0.5
+    earlier["parts"]["hotspots"] = {"make_seeds (one batch)": [{"op": "aten::earlier_op", "self_ms": 1.0,
+                                                                 "share": 0.5, "calls": 2}]}
+    now["before"] = {k: earlier[k] for k in ("command", "date", "e2e", "parts")}
+    md = suite.markdown(now)
+    row = next(line for line in md.splitlines() if line.startswith("| make_seeds batched vs naive loop"))
+    assert row.split(" | ")[1].startswith("0.50x") and row.split(" | ")[2].startswith(
+        f"{now['parts']['seeds']['speedup']:.2f}x")
+    assert "## Hotspots before" in md and "aten::earlier_op" in md
+    assert "aten::earlier_op" not in md.split("## Hotspots before")[0]
+    # stages of an artifacts run, read from its logs
+    logs = tmp_path / "outputs" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "train_cls.log").write_text("x INFO finished start=100.000 end=160.000 wall_s=60.000 peak_rss_mib=900\n")
+    (logs / "make_seeds.log").write_text("x INFO finished start=150.000 end=200.000 wall_s=50.000 peak_rss_mib=800\n")
+    now["artifact_stages"] = suite.stage_costs(logs)
+    md = suite.markdown(now)
+    assert "| time covered by at least one stage | 100.0 | |" in md
+    assert "the artifacts' own run: time its stages cover) | " in md and "| 100 s |" in md
+
+
 def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
     """results/chain.md: means over seeds, gains paired by seed, the upper bound shared by a seed's rows."""
     import pandas as pd

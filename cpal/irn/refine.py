@@ -29,7 +29,7 @@ from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
 from cpal.irn.thresholds import resolve_planes
-from cpal.models.backbone import fuse_batchnorm
+from cpal.models.backbone import for_inference
 from cpal.runtime import peak_rss_mib
 from cpal.seed_io import check_complete, resolve_map, seed_path
 from cpal.training import channels_last, config_fingerprint, resolve_device
@@ -108,7 +108,7 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
     times: dict[str, list[float]] = {"boundary": [], "walk": []}
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="refine_irn", disable=not progress)
-    model = channels_last(fuse_batchnorm(model))
+    model = for_inference(model)
     for ids in dataset.size_batches(BOUNDARY_BATCH, todo):
         images = [dataset.image(i) for i in ids]
         t1 = time.perf_counter()

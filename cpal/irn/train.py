@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -120,6 +121,17 @@ def build_boundary_net(params: dict[str, Any], classifier: Path | None) -> tuple
     return BoundaryNet(backbone), name
 
 
+def runnable(model: BoundaryNet) -> tuple[BoundaryNet, nn.Module]:
+    """The net as training runs it, and its backbone as it came (what the checkpoint saves).
+
+    The backbone is frozen, so a copy with its BatchNorm folded does its forward (cpal.models.backbone),
+    everything in channels_last.
+    """
+    backbone = model.backbone
+    model.backbone = fuse_batchnorm(copy.deepcopy(backbone).eval())
+    return channels_last(model), backbone
+
+
 def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifier: Path | None, out_dir: Path,
               log: logging.Logger, progress: bool = True, stop_after_epoch: int | None = None) -> dict[str, Any]:
     """Train the boundary branch; write model.pt ({"meta", "model"}), metrics.json and timing.json."""
@@ -140,9 +152,7 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     index = PathIndex.of(cfg["radius"])
 
     model, _ = build_boundary_net(params, classifier)
-    trained_backbone = model.backbone  # saved as it came; the frozen copy that runs has its BatchNorm folded
-    model.backbone = fuse_batchnorm(copy.deepcopy(trained_backbone).eval())
-    model = channels_last(model.to(device))
+    model, trained_backbone = runnable(model.to(device))
     optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))

@@ -8,6 +8,7 @@ so the embedded default runs pretrained with no network access (DESIGN section 1
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import timm
@@ -16,6 +17,7 @@ from torch import nn
 from torchvision import models
 
 from cpal.data.torch_data import IMAGENET_MEAN, IMAGENET_STD
+from cpal.training import channels_last
 
 RESNETS = ("resnet18", "resnet50", "resnet101")
 EFFICIENTNETS = ("efficientnet_lite0",)
@@ -247,3 +249,11 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
                 conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias, requires_grad=False)
                 parent._modules[second] = _AfterNorm(norm)
     return model
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """A copy of `model` as the inference stages run it: eval mode, BatchNorm folded, channels_last.
+
+    A copy, so the caller's model (fingerprinted, maybe trained further) stays as it was.
+    """
+    return channels_last(fuse_batchnorm(copy.deepcopy(model).eval()))

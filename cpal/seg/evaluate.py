@@ -7,7 +7,6 @@ one, never instead of it.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import DatasetError, VOCDataset
 from cpal.metrics import ConfusionMatrix
-from cpal.models.backbone import fuse_batchnorm
+from cpal.models.backbone import for_inference
 from cpal.training import channels_last
 
 EVAL_BATCH = 8  # images per forward (same size only)
@@ -89,7 +88,7 @@ def evaluate_segmenter(
         crf_fn, crf_params = dense_crf, cfg["crf_params"]
     n = dataset.num_classes
     plain, refined = ConfusionMatrix(n), ConfusionMatrix(n)
-    model = channels_last(fuse_batchnorm(copy.deepcopy(model).eval()))  # the caller's model stays as it was
+    model = for_inference(model)
     bar = tqdm(total=len(dataset), desc="eval_seg", disable=not progress, leave=False)
     for ids in dataset.size_batches(EVAL_BATCH):
         images = [dataset.image(i) for i in ids]
