@@ -83,7 +83,7 @@ class _PathMax(torch.autograd.Function):
     path cell in the backward pass (about 2,000 per batch at radius 10), which made that backward
     pass 10x slower than the forward. Here the forward keeps each maximum's flat index and the backward
     is one scatter-add. Equal to amax's gradient except at exact ties between two cells (amax splits
-    the gradient, this gives it to the first on the path), which are measure-zero for sigmoid outputs.
+    the gradient, this gives it to the first), which are measure-zero for sigmoid outputs.
     """
 
     @staticmethod
@@ -94,14 +94,8 @@ class _PathMax(torch.autograd.Function):
                 + torch.arange(w, device=padded.device)[None, :] + pad)
         values, where = [], []
         for cells in index.paths:
-            # a running maximum over the path's cells: 3x faster than max(dim=0) over a stacked copy
-            best = _offset_view(padded, pad, h, w, *cells[0]).clone()
-            arg = torch.zeros(best.shape, dtype=torch.long, device=padded.device)
-            for p, (y, x) in enumerate(cells[1:], 1):
-                view = _offset_view(padded, pad, h, w, y, x)
-                larger = view > best
-                best = torch.where(larger, view, best)
-                arg.masked_fill_(larger, p)
+            stacked = torch.stack([_offset_view(padded, pad, h, w, y, x) for y, x in cells], dim=0)
+            best, arg = stacked.max(dim=0)
             offsets = torch.tensor([y * width + x for y, x in cells], device=padded.device)
             values.append(best)
             where.append(base + offsets[arg])
