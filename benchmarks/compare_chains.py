@@ -30,7 +30,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def stage_seconds(df: pd.DataFrame) -> pd.Series:
+def median_stage_seconds(df: pd.DataFrame) -> pd.Series:
     """Median seconds per stage over every (method, seed) that timed it."""
     t = df[df["step"].str.startswith("time:")]
     return t.groupby(t["step"].str[5:])["seconds"].median()
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     a, b = pd.read_csv(args.a), pd.read_csv(args.b)
     table = compare(a, b).rename(columns={"a": args.label_a, "b": args.label_b})
     print(table.to_markdown(index=False))
-    times = pd.DataFrame({args.label_a: stage_seconds(a), args.label_b: stage_seconds(b)})
+    times = pd.DataFrame({args.label_a: median_stage_seconds(a), args.label_b: median_stage_seconds(b)})
     print()
     print(times.to_markdown(floatfmt=".0f"))
     return 0

@@ -176,11 +176,11 @@ def naive_seeds(model, dataset, cfg: dict[str, Any]) -> dict[str, dict[str, np.n
     """The loop a first implementation writes: one image, one scale, one flip at a time."""
     import torch.nn.functional as F
 
-    from cpal.data.torch_data import to_tensor
+    from cpal.data.torch_data import image_batch
 
     out = {}
     for image_id in dataset.ids:
-        image = to_tensor(dataset.image(image_id))[None].contiguous(memory_format=torch.channels_last)  # as the stage
+        image = image_batch([dataset.image(image_id)])  # as the stage
         labels = torch.from_numpy(dataset.multi_hot(image_id))[None]
         keys = dataset.labels(image_id)
         size = image.shape[2:]
@@ -236,7 +236,7 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     """make_seeds' own limit: only the backbone's forward over the same batches, scales and flips."""
     import torch.nn.functional as F
 
-    from cpal.data.torch_data import to_tensor
+    from cpal.data.torch_data import image_batch
     from cpal.data.voc import VOCDataset
     from cpal.seeds import seed_views
     from cpal.train_cls import load_trained_model
@@ -246,8 +246,7 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     model = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     cfg = params["seeds"]
     model = for_inference(model)  # as the stage runs it (cpal/seeds.py): folded BatchNorm, channels_last
-    batches = [torch.stack([to_tensor(dataset.image(i)) for i in ids]).contiguous(memory_format=torch.channels_last)
-               for ids in dataset.size_batches(cfg["batch_size"])]
+    batches = [image_batch(dataset.image(i) for i in ids) for ids in dataset.size_batches(cfg["batch_size"])]
 
     def run() -> None:
         with torch.inference_mode():
@@ -334,7 +333,7 @@ def hotspots(fn, top: int = 6) -> list[dict[str, Any]]:
 
 def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str, Any]]]:
     """Profiles of one unit of work of each network stage on the run's artifacts."""
-    from cpal.data.torch_data import to_tensor
+    from cpal.data.torch_data import image_batch
     from cpal.data.voc import VOCDataset
     from cpal.irn.labels import IGNORE
     from cpal.irn.path_index import PathIndex
@@ -349,7 +348,7 @@ def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str,
     out: dict[str, list[dict[str, Any]]] = {}
     cfg = params["train_cls"]
     batch, crop = cfg["batch_size"], cfg["crop_size"]
-    images = channels_last(torch.stack([to_tensor(dataset.image(i)) for i in dataset.ids[:batch]]))  # as the stages
+    images = image_batch(dataset.image(i) for i in dataset.ids[:batch])  # as the stages
     labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in dataset.ids[:batch]]))
     model = channels_last(build_model(params, dataset.num_classes - 1)).train()
     cls_step = optimizer_step(lambda: model(images[:, :, :crop, :crop], labels)["loss"],

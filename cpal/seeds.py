@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cpal.data.torch_data import to_tensor
+from cpal.data.torch_data import image_batch
 from cpal.data.voc import VOCDataset
 from cpal.io import inputs_stamp, partial_folder, publish_folder
 from cpal.models.backbone import for_inference
 from cpal.models.cam_net import CAMNet
 from cpal.seed_io import BACKGROUND_KEY, save_seeds, seed_path
-from cpal.training import channels_last, config_fingerprint
+from cpal.training import config_fingerprint
 
 
 def seed_views(x: torch.Tensor, flip: bool) -> list[torch.Tensor]:
@@ -105,8 +105,7 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     bar = tqdm(total=len(dataset), initial=kept, desc="make_seeds", disable=not progress)
     model = for_inference(model)
     for ids in todo:
-        images = torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device)
-        images = channels_last(images)
+        images = image_batch((dataset.image(i) for i in ids), device)
         labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])).to(device)
         cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
         for b, image_id in enumerate(ids):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpal import distributed
-from cpal.data.torch_data import ClassificationData, to_tensor
+from cpal.data.torch_data import ClassificationData, image_batch
 from cpal.data.voc import VOCDataset
 from cpal.models.cam_net import CAMNet
 from cpal.runtime import seed_everything
@@ -100,7 +100,7 @@ def evaluate_map(model: CAMNet, dataset: VOCDataset, device: torch.device, batch
     scores, targets = [], []
     for start in range(0, len(dataset), batch_size):
         ids = dataset.ids[start:start + batch_size]
-        images = channels_last(torch.stack([to_tensor(dataset.image(i)) for i in ids]).to(device))
+        images = image_batch((dataset.image(i) for i in ids), device)
         scores.append(model.classify(images).float().cpu())
         targets.append(torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])))
     model.train()

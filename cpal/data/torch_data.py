@@ -6,12 +6,15 @@ depend on worker count, batch order or a resumed run: training is reproducible a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cpal.data.voc import VOCDataset
+from cpal.training import channels_last
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,6 +26,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def image_batch(images: Iterable[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Same-sized uint8 images -> one normalised (B, 3, H, W) batch in channels_last, the layout every
+    network stage runs in (cpal.training.channels_last)."""
+    return channels_last(torch.stack([to_tensor(image) for image in images]).to(device))
 
 
 def random_scale_flip_crop(

@@ -76,6 +76,12 @@ def _offset_view(padded: torch.Tensor, pad: int, h: int, w: int, dy: int, dx: in
     return padded[..., dy:dy + h, pad + dx:pad + dx + w]
 
 
+def _path_stacks(padded: torch.Tensor, index: PathIndex, h: int, w: int):
+    """Per direction, the values of its path cells stacked (cells, ..., h, w)."""
+    for cells in index.paths:
+        yield torch.stack([_offset_view(padded, index.pad, h, w, y, x) for y, x in cells], dim=0)
+
+
 class _PathMax(torch.autograd.Function):
     """Largest value on each path, with the gradient routed to the cell that holds it.
 
@@ -93,8 +99,7 @@ class _PathMax(torch.autograd.Function):
         base = (torch.arange(h, device=padded.device)[:, None] * width
                 + torch.arange(w, device=padded.device)[None, :] + pad)
         values, where = [], []
-        for cells in index.paths:
-            stacked = torch.stack([_offset_view(padded, pad, h, w, y, x) for y, x in cells], dim=0)
+        for cells, stacked in zip(index.paths, _path_stacks(padded, index, h, w), strict=True):
             best, arg = stacked.max(dim=0)
             offsets = torch.tensor([y * width + x for y, x in cells], device=padded.device)
             values.append(best)
@@ -126,11 +131,7 @@ def boundary_to_affinity(boundary: torch.Tensor, index: PathIndex) -> torch.Tens
     pad = index.pad
     padded = _padded(boundary, pad, 1.0)
     if not (torch.is_grad_enabled() and padded.requires_grad):  # the random walk: no indices to keep
-        affs = []
-        for cells in index.paths:
-            views = [_offset_view(padded, pad, h, w, y, x) for y, x in cells]
-            affs.append(1.0 - torch.stack(views, dim=0).amax(dim=0))
-        return torch.stack(affs, dim=1)
+        return 1.0 - torch.stack([stacked.amax(dim=0) for stacked in _path_stacks(padded, index, h, w)], dim=1)
     return 1.0 - _PathMax.apply(padded, index, h, w)
 
 

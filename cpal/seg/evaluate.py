@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cpal.data.torch_data import to_tensor
+from cpal.data.torch_data import image_batch
 from cpal.data.voc import DatasetError, VOCDataset
 from cpal.metrics import ConfusionMatrix
 from cpal.models.backbone import for_inference
-from cpal.training import channels_last
 
 EVAL_BATCH = 8  # images per forward (same size only)
 
@@ -36,7 +35,7 @@ def predict_batch(model: nn.Module, images: list[np.ndarray], scales: list[float
                   amp: bool = False) -> torch.Tensor:
     """predict_probs of same-sized images (B, C, H, W) in one forward per scale (2x faster than one by one
     on 2 CPU cores at 128 px)."""
-    x = channels_last(torch.stack([to_tensor(image) for image in images]).to(device))
+    x = image_batch(images, device)
     n, (h, w) = x.shape[0], x.shape[-2:]
     total, count = None, 0
     for scale in scales:
