@@ -11,8 +11,8 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate  # noqa: E402
 
-from cpal.config import validate_params, write_resolved_params  # noqa: E402
-from cpal.runtime import hold_run_lock  # noqa: E402
+from cpal.core.config import validate_params, write_resolved_params  # noqa: E402
+from cpal.core.runtime import hold_run_lock  # noqa: E402
 
 
 configfile: "params.yaml"

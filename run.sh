@@ -8,7 +8,7 @@ snakemake --cores "${CORES:-2}" "$@"
 echo
 echo "Pipeline finished in $(( $(date +%s) - start )) s. This run's report (results/report.csv):"
 echo
-python -m cpal.report results/report.csv
+python -m cpal.report.summary results/report.csv
 echo
 echo "Report:     $ROOT/results/report.md (+ report.csv, report_per_class.png, report_grid.png)"
 echo "Results:    $ROOT/results/ (eval_*.json, eval_seeds_curve.*, dataset_samples.png; git-ignored, this run's own)"

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cpal.config import load_params
-from cpal.io import atomic_path, write_text
-from cpal.report import collect_rows, stage_seconds
-from cpal.runtime import machine_description
+from cpal.core.config import load_params
+from cpal.core.io import atomic_path, write_text
+from cpal.core.runtime import machine_description
+from cpal.report.summary import collect_rows, stage_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite, also when loaded by file path
 from suite import fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)

@@ -22,19 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpal.config import load_params
+from cpal.cls.train import load_trained_model
+from cpal.core.config import load_params
+from cpal.core.io import write_text
+from cpal.core.runtime import machine_description
 from cpal.data.torch_data import to_tensor
 from cpal.data.voc import VOCDataset
-from cpal.io import write_text
-from cpal.models.cpal_module import (
+from cpal.plugin import (
     cam_with_background,
     context_prototypes,
     instance_prototypes,
     seeds_from_cam,
     similarity,
 )
-from cpal.runtime import machine_description
-from cpal.train_cls import load_trained_model
 
 
 @torch.no_grad()

@@ -31,14 +31,14 @@ import pandas as pd
 import torch
 import yaml
 
-from cpal.config import load_params, merge, validate_params
+from cpal.cls.train import build_model, load_trained_model, train_classifier
+from cpal.core.config import load_params, merge, validate_params
+from cpal.core.io import atomic_path, write_text
+from cpal.core.runtime import machine_description
+from cpal.core.training import config_fingerprint, load_checkpoint, resolve_device
 from cpal.data.voc import VOCDataset
-from cpal.io import atomic_path, write_text
-from cpal.runtime import machine_description
-from cpal.seed_eval import evaluate_seeds, thresholds_from
-from cpal.seeds import make_seeds
-from cpal.train_cls import build_model, load_trained_model, train_classifier
-from cpal.training import config_fingerprint, load_checkpoint, resolve_device
+from cpal.seeds.evaluate import evaluate_seeds, thresholds_from
+from cpal.seeds.make import make_seeds
 
 METHODS = ("cam", "sipe", "cpal")
 

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpal.io import write_json, write_text
-from cpal.models.backbone import for_inference
-from cpal.runtime import keep_freed_memory, machine_description
-from cpal.training import channels_last
+from cpal.backbone import for_inference
+from cpal.core.io import write_json, write_text
+from cpal.core.runtime import keep_freed_memory, machine_description
+from cpal.core.training import channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)")
@@ -131,8 +131,8 @@ def training_flops_per_image(params: dict[str, Any], data_dir: Path) -> float:
     """FLOPs (forward + backward) of one training step per image, with the real model and batch size."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cpal.cls.train import build_model
     from cpal.data.voc import VOCDataset
-    from cpal.train_cls import build_model
 
     cfg = params["train_cls"]
     dataset = VOCDataset(data_dir, cfg["train_split"])
@@ -151,8 +151,8 @@ def training_flops_per_image(params: dict[str, Any], data_dir: Path) -> float:
 
 def train_images_per_s(params: dict[str, Any], data_dir: Path, work: Path, epochs: int) -> list[float]:
     """Images/s of each epoch of the real training loop (data loading and the optimizer included)."""
+    from cpal.cls.train import train_classifier
     from cpal.data.voc import VOCDataset
-    from cpal.train_cls import train_classifier
 
     p = json.loads(json.dumps(params))
     p["train_cls"]["epochs"] = epochs
@@ -190,7 +190,7 @@ def naive_seeds(model, dataset, cfg: dict[str, Any]) -> dict[str, dict[str, np.n
                                                          align_corners=False, recompute_scale_factor=False)
             for flip in ([False, True] if cfg["flip"] else [False]):
                 view = x.flip(-1) if flip else x
-                cam, pacam = model.infer(view, labels, align=False)  # as make_seeds (cpal/seeds.py)
+                cam, pacam = model.infer(view, labels, align=False)  # as make_seeds (cpal/seeds/make.py)
                 maps = {"cam": cam} if pacam is None else {"cam": cam, "pacam": pacam[:, 1:]}
                 for kind, m in maps.items():
                     m = F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
@@ -206,10 +206,10 @@ def naive_seeds(model, dataset, cfg: dict[str, Any]) -> dict[str, dict[str, np.n
 
 
 def seeds_batched_vs_naive(params: dict[str, Any], ws: Path, n: int, repeats: int) -> dict[str, Any]:
+    from cpal.cls.train import load_trained_model
     from cpal.data.voc import VOCDataset
-    from cpal.seed_io import load_seeds, seed_path
-    from cpal.seeds import make_seeds
-    from cpal.train_cls import load_trained_model
+    from cpal.seeds.make import make_seeds
+    from cpal.seeds.store import load_seeds, seed_path
 
     data_dir = ws / params["data"]["dir"]
     split = subset_split(data_dir, params["seeds"]["split"], n, "bench_seeds")
@@ -236,16 +236,16 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
     """make_seeds' own limit: only the backbone's forward over the same batches, scales and flips."""
     import torch.nn.functional as F
 
+    from cpal.cls.train import load_trained_model
     from cpal.data.torch_data import image_batch
     from cpal.data.voc import VOCDataset
-    from cpal.seeds import seed_views
-    from cpal.train_cls import load_trained_model
+    from cpal.seeds.make import seed_views
 
     data_dir = ws / params["data"]["dir"]
     dataset = VOCDataset(data_dir, subset_split(data_dir, params["seeds"]["split"], n, "bench_seeds"))
     model = load_trained_model(ws / "outputs" / "train_cls" / "model.pt", params, dataset, torch.device("cpu"))
     cfg = params["seeds"]
-    model = for_inference(model)  # as the stage runs it (cpal/seeds.py): folded BatchNorm, channels_last
+    model = for_inference(model)  # as the stage runs it (cpal/seeds/make.py): folded BatchNorm, channels_last
     batches = [image_batch(dataset.image(i) for i in ids) for ids in dataset.size_batches(cfg["batch_size"])]
 
     def run() -> None:
@@ -279,8 +279,8 @@ def step_ratios(params: dict[str, Any], data_dir: Path, repeats: int, steps: int
     """Seconds per training step: the configured method's, plain CAM's and the bare backbone's forward and
     backward, same backbone, batch and crop (random images, real image labels); optimizer step included
     for the two methods, as in the training loop."""
+    from cpal.cls.train import build_model
     from cpal.data.voc import VOCDataset
-    from cpal.train_cls import build_model
 
     cfg = params["train_cls"]
     dataset = VOCDataset(data_dir, cfg["train_split"])
@@ -333,15 +333,15 @@ def hotspots(fn, top: int = 6) -> list[dict[str, Any]]:
 
 def stage_hotspots(params: dict[str, Any], ws: Path) -> dict[str, list[dict[str, Any]]]:
     """Profiles of one unit of work of each network stage on the run's artifacts."""
+    from cpal.cls.train import build_model, load_trained_model
     from cpal.data.torch_data import image_batch
     from cpal.data.voc import VOCDataset
     from cpal.irn.labels import IGNORE
     from cpal.irn.path_index import PathIndex
     from cpal.irn.train import affinity_loss, build_boundary_net, runnable
-    from cpal.seeds import multiscale_maps
+    from cpal.seeds.make import multiscale_maps
     from cpal.seg.model import build_segmenter
     from cpal.seg.train import seg_config
-    from cpal.train_cls import build_model, load_trained_model
 
     data_dir = ws / params["data"]["dir"]
     dataset = VOCDataset(data_dir, params["seeds"]["split"])
@@ -402,9 +402,9 @@ def stage_rates(ws: Path) -> dict[str, float]:
 
 
 def crf_workers(params: dict[str, Any], ws: Path, repeats: int) -> dict[str, Any]:
+    from cpal.crf.refine import refine_with_crf
     from cpal.data.voc import VOCDataset
-    from cpal.refine_crf import refine_with_crf
-    from cpal.seed_io import resolve_map
+    from cpal.seeds.store import resolve_map
 
     data_dir = ws / params["data"]["dir"]
     dataset = VOCDataset(data_dir, params["seeds"]["split"])
@@ -438,8 +438,8 @@ def random_walk(params: dict[str, Any], ws: Path, n: int, repeats: int) -> dict[
 
 def evaluation(params: dict[str, Any], ws: Path, repeats: int) -> dict[str, Any]:
     from cpal.data.voc import VOCDataset
-    from cpal.pseudo import evaluate_pseudo_labels
-    from cpal.seed_eval import evaluate_seeds, thresholds_from
+    from cpal.pseudo.labels import evaluate_pseudo_labels
+    from cpal.seeds.evaluate import evaluate_seeds, thresholds_from
 
     data_dir = ws / params["data"]["dir"]
     dataset = VOCDataset(data_dir, params["seeds"]["split"])
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     before = json.loads(args.before.read_text()) if args.before else None  # read before --out overwrites it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from cpal.config import load_params
+    from cpal.core.config import load_params
 
     if args.artifacts:
         ws, e2e = args.artifacts, []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from cpal.config import merge, validate_params
+from cpal.core.config import merge, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Any
 
-from cpal.config import ParamsError, load_params
-from cpal.runtime import keep_freed_memory, process_cost, setup_logging
+from cpal.core.config import ParamsError, load_params
+from cpal.core.runtime import keep_freed_memory, process_cost, setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
     (WORLD_SIZE > 1) only rank 0 writes the log file, appending when the stage relaunched itself.
     """
     if _under_torchrun():  # one of several DDP processes: rank 0 logs to the file, the others warnings only
-        from cpal.distributed import rank_logging
+        from cpal.core.distributed import rank_logging
 
         log = rank_logging(setup_logging(None, name), args.log)
     else:
@@ -57,7 +57,7 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
 
 
 def _under_torchrun() -> bool:
-    """WORLD_SIZE > 1: this process is one rank of a torchrun job (cpal.distributed)."""
+    """WORLD_SIZE > 1: this process is one rank of a torchrun job (cpal.core.distributed)."""
     return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.plots import plot_dataset_samples
-from cpal.runtime import machine_description
+from cpal.core.runtime import machine_description
+from cpal.data.figure import plot_dataset_samples
 from stages.common import parser, start
 
 REPRODUCE = "snakemake --cores 2 results/dataset_samples.png  (or: dvc repro dataset_figure)"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cpal.core.io import write_json
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
-from cpal.pseudo import evaluate_pseudo_labels
+from cpal.pseudo.labels import evaluate_pseudo_labels
 from stages.common import parser, start
 
 

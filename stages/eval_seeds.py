@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cpal.core.io import write_json
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
-from cpal.seed_eval import evaluate_seeds, plot_threshold_curve, thresholds_from, write_curve_csv  # noqa: I001
+from cpal.seeds.evaluate import evaluate_seeds, plot_threshold_curve, thresholds_from, write_curve_csv  # noqa: I001
 from stages.common import parser, start
 
 

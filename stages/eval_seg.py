@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cpal.core.io import write_json
+from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
 from cpal.seg.evaluate import evaluate_segmenter
 from cpal.seg.train import load_segmenter
-from cpal.training import resolve_device
 from stages.common import parser, start
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cpal.data.voc import VOCDataset
 from cpal.irn.labels import make_ir_labels
-from cpal.seed_io import resolve_map
+from cpal.seeds.store import resolve_map
 from stages.common import parser, start
 
 

@@ -1,15 +1,15 @@
-"""Stage `make_seeds`: multi-scale + flip CAM and PACAM per image, float16 .npz (see cpal/seed_io.py)."""
+"""Stage `make_seeds`: multi-scale + flip CAM and PACAM per image, float16 .npz (see cpal/seeds/store.py)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from cpal.cls.train import load_trained_model
+from cpal.core.io import write_json
+from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
-from cpal.seeds import make_seeds
-from cpal.train_cls import load_trained_model
-from cpal.training import resolve_device
+from cpal.seeds.make import make_seeds
 from stages.common import parser, start
 
 

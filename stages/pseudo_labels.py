@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from cpal.data.voc import VOCDataset
-from cpal.pseudo import make_pseudo_labels
-from cpal.seed_io import resolve_map
+from cpal.pseudo.labels import make_pseudo_labels
+from cpal.seeds.store import resolve_map
 from stages.common import parser, start
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cpal.core.io import write_json
+from cpal.crf.refine import refine_with_crf
 from cpal.data.voc import VOCDataset
-from cpal.io import write_json
-from cpal.refine_crf import refine_with_crf
-from cpal.seed_io import resolve_map
+from cpal.seeds.store import resolve_map
 from stages.common import parser, start
 
 

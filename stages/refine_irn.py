@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.io import write_json
+from cpal.core.io import write_json
 from cpal.irn.refine import refine_irn
 from stages.common import parser, start
 

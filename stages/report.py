@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cpal.core.io import atomic_path, load_label_png, write_text
+from cpal.core.runtime import machine_description
+from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
-from cpal.io import atomic_path, load_label_png, write_text
-from cpal.report import collect_rows, markdown, plot_grid, plot_per_class
-from cpal.runtime import machine_description
-from cpal.seed_io import labels_from_maps, load_seeds, seed_path
+from cpal.report.summary import collect_rows, markdown, plot_grid, plot_per_class
+from cpal.seeds.store import labels_from_maps, load_seeds, seed_path
 from cpal.seg.evaluate import predict_probs
 from cpal.seg.train import load_segmenter
-from cpal.training import resolve_device
 from stages.common import parser, start
 
 COMMAND = "snakemake --cores 2 results/report.md  (or: dvc repro report)"

@@ -2,7 +2,7 @@
 
 Multi-GPU (DDP): with params run.nproc_per_node N > 1 this command re-executes itself as
 `torchrun --standalone --nproc_per_node N -m stages.train_cls -- <same arguments>`; calling torchrun that way
-by hand works too. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (see cpal/distributed.py); rank 0 writes
+by hand works too. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK (see cpal/core/distributed.py); rank 0 writes
 every output.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.distributed import relaunch_under_torchrun, stage_argv
-from cpal.train_cls import train_classifier
+from cpal.cls.train import train_classifier
+from cpal.core.distributed import relaunch_under_torchrun, stage_argv
 from stages.common import parser, start
 
 

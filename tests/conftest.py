@@ -25,7 +25,7 @@ def default_params() -> dict:
 @pytest.fixture(scope="session")
 def tiny_params() -> dict:
     """configs/tiny.yaml, the preset the end-to-end tests run."""
-    from cpal.config import load_params
+    from cpal.core.config import load_params
 
     return load_params(ROOT / "configs" / "tiny.yaml")
 

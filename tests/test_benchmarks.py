@@ -29,7 +29,7 @@ def test_covered_seconds_merges_overlaps(suite) -> None:
 
 def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
     """stages/common.py writes the last log line; the suite must read what it writes."""
-    from cpal.runtime import setup_logging
+    from cpal.core.runtime import setup_logging
     from stages.common import _finished
 
     logs = tmp_path / "logs"
@@ -45,10 +45,10 @@ def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
 
 def test_naive_loop_gives_the_stage_maps(suite, tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
     """The speed comparison is only fair at equal output."""
+    from cpal.cls.train import build_model
     from cpal.data.voc import VOCDataset
-    from cpal.seed_io import load_seeds, seed_path
-    from cpal.seeds import make_seeds
-    from cpal.train_cls import build_model
+    from cpal.seeds.make import make_seeds
+    from cpal.seeds.store import load_seeds, seed_path
 
     torch.manual_seed(0)
     dataset = VOCDataset(tiny_data, "train")

@@ -17,9 +17,9 @@ from PIL import Image
 pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils  # noqa: E402
 
+from cpal.core.io import load_label_png  # noqa: E402
 from cpal.data.coco14 import COCO_CLASSES, prepare_coco14  # noqa: E402
 from cpal.data.download import ArchiveError, ChecksumError  # noqa: E402
-from cpal.io import load_label_png  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("_cpal_test_download",
                                                Path(__file__).with_name("test_download.py"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpal.config import ParamsError, load_params, merge, validate_params, write_resolved_params
+from cpal.core.config import ParamsError, load_params, merge, validate_params, write_resolved_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpal.models.cpal_module import (
+from cpal.plugin import (
     CPALConfig,
     SupportBank,
     alignment_shift,

@@ -1,4 +1,4 @@
-"""Dense CRF (cpal.crf) and the refine_crf stage on synthetic images and a tiny hand-made VOC-layout dataset."""
+"""Dense CRF (cpal.crf.dense) and the refine_crf stage on synthetic images and a tiny hand-made VOC-layout dataset."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from cpal.crf import crf_from_labels, dense_crf
+from cpal.core.io import load_label_png, save_jpeg, save_label_png, voc_palette
+from cpal.crf.dense import crf_from_labels, dense_crf
+from cpal.crf.refine import RefineError, probabilities, refine_image, refine_with_crf
 from cpal.data.voc import VOCDataset
-from cpal.io import load_label_png, save_jpeg, save_label_png, voc_palette
-from cpal.refine_crf import RefineError, probabilities, refine_image, refine_with_crf
-from cpal.seed_io import load_seeds, save_seeds
+from cpal.seeds.store import load_seeds, save_seeds
 
 CFG = {"iterations": 10, "gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 50, "bilateral_srgb": 5,
        "bilateral_compat": 10}
@@ -226,7 +226,7 @@ def test_previous_output_is_replaced_as_a_whole(tmp_path: Path) -> None:
 
 
 def test_stage_entry_point(tmp_path: Path, tiny_params: dict) -> None:
-    from cpal.config import merge
+    from cpal.core.config import merge
     from stages.refine_crf import main
 
     dataset, seeds = make_dataset(tmp_path / "data", n=2)

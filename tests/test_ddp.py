@@ -1,4 +1,4 @@
-"""DDP training (cpal.distributed) on CPU: gloo backend, 2 processes, against a 1-process run.
+"""DDP training (cpal.core.distributed) on CPU: gloo backend, 2 processes, against a 1-process run.
 
 Both sides use the same GLOBAL batch and the tiny preset with a from-scratch ResNet-18 and method cpal
 (support bank active), SGD lr 0.01, one epoch; train_cls with batch 6 and drop_last false (5 batches of
@@ -45,7 +45,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from cpal.distributed import GlobalBatchSampler, torchrun_command
+from cpal.core.distributed import GlobalBatchSampler, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("test_ddp")
@@ -208,10 +208,10 @@ def test_segmenter_two_processes_match_one(runs: dict) -> None:
 
 
 def test_seg_stage_relaunches_under_torchrun(tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
-    from cpal.runtime import seed_everything
+    from cpal.core.runtime import seed_everything
+    from cpal.core.training import load_checkpoint
     from cpal.seg.model import build_segmenter
     from cpal.seg.train import train_segmenter
-    from cpal.training import load_checkpoint
 
     params = _params(tiny_params, nproc_per_node=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -249,11 +249,11 @@ def _worker(params_file: str, data: str, out: str) -> int:
     """
     import torch.distributed as dist
 
+    import cpal.cls.train as train_cls
     import cpal.data.torch_data as torch_data
     import cpal.seg.data as seg_data
     import cpal.seg.train as seg_train
-    import cpal.train_cls as train_cls
-    from cpal.runtime import seed_everything
+    from cpal.core.runtime import seed_everything
 
     torch.set_default_dtype(torch.float64)
     to_tensor = torch_data.to_tensor

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cpal.core.io import load_label_png
 from cpal.data.embedded import EMBEDDED_CLASSES, generate_embedded
-from cpal.io import load_label_png
 
 CAT, DOG, BOAT = (EMBEDDED_CLASSES.index(n) for n in ("cat", "dog", "boat"))
 FG = range(1, len(EMBEDDED_CLASSES))
@@ -338,7 +338,7 @@ def test_border_width_controls_the_band(tmp_path: Path) -> None:
 
 
 def test_plot_dataset_samples_writes_a_png(ds: Loaded, tmp_path: Path) -> None:
-    from cpal.plots import plot_dataset_samples
+    from cpal.data.figure import plot_dataset_samples
 
     out = tmp_path / "fig" / "samples.png"
     plot_dataset_samples(ds.root, "val", out, n=6, footer="machine: test; seed 0; command: pytest")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cpal import compare
-from cpal.experiments import NOTES_MARKER, experiment_table, sort_rows, swept_params
+from cpal.report.experiments import NOTES_MARKER, experiment_table, sort_rows, swept_params
 
 BASE = {"params": {"K": 5, "bank_size": 100, "metric": "dot"}, "run": {"seed": 0}}
 SEEDS = "results/eval_seeds.json"
@@ -219,7 +219,7 @@ def test_compare_quotes_a_command_for_any_clone(tmp_path: Path, monkeypatch: pyt
 
 def test_a_lock_written_by_dvc_with_exponent_floats_is_read_as_numbers(tmp_path: Path) -> None:
     """DVC writes `1e-05` (YAML 1.2, no dot); PyYAML alone reads a string and every row's CRF went stale."""
-    from cpal.experiments import git_lock_reader
+    from cpal.report.experiments import git_lock_reader
 
     params = {"params": {"K": 5}, "crf": {"prob_clip": 1e-05, "bg_threshold": 0.4}}
     (tmp_path / "dvc.lock").write_text(
@@ -235,6 +235,6 @@ def test_a_lock_written_by_dvc_with_exponent_floats_is_read_as_numbers(tmp_path:
 
 
 def test_params_files_read_exponent_floats_as_numbers() -> None:
-    from cpal.config import load_yaml
+    from cpal.core.config import load_yaml
 
     assert load_yaml("lr: 1e-3\nclip: 1.0e-5\nn: 10\nq: '1e-3'\n") == {"lr": 1e-3, "clip": 1e-5, "n": 10, "q": "1e-3"}

@@ -1,4 +1,4 @@
-"""cpal.io's staged folders: what a killed run leaves is never published, resumed only when it matches."""
+"""cpal.core.io's staged folders: what a killed run leaves is never published, resumed only when it matches."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cpal.io import partial_folder, publish_folder, staged_folder
+from cpal.core.io import partial_folder, publish_folder, staged_folder
 
 
 def test_leftovers_of_a_killed_run_are_dropped(tmp_path: Path) -> None:

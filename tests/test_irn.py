@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from cpal.io import load_label_png, save_jpeg, save_label_png
+from cpal.backbone import build_backbone
+from cpal.core.io import load_label_png, save_jpeg, save_label_png
+from cpal.core.training import load_checkpoint, save_checkpoint
 from cpal.irn import labels as irn_labels
 from cpal.irn.model import BoundaryNet, grid_size, irn_meta, load_boundary_net
 from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels, path_cells, search_directions
 from cpal.irn.random_walk import random_walk, walk_dense, walk_sparse
 from cpal.irn.refine import labels_from_walk, to_grid
 from cpal.irn.train import affinity_loss, train_irn
-from cpal.models.backbone import build_backbone
-from cpal.seed_io import save_seeds, seed_path
-from cpal.training import load_checkpoint, save_checkpoint
+from cpal.seeds.store import save_seeds, seed_path
 
 LOG = logging.getLogger("test_irn")
 CLASSES = ["background", "red", "blue"]
@@ -82,7 +82,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (data / "dataset.json").write_text(json.dumps({"name": "irn-test", "source": "test", "classes": CLASSES,
                                                    "ignore_index": 255, "splits": {"train": 6}}))
     torch.manual_seed(0)
-    from cpal.models.cam_net import CAMNet
+    from cpal.cls.network import CAMNet
 
     net = CAMNet(2, backbone="resnet18")
     classifier = root / "classifier.pt"
@@ -306,7 +306,7 @@ def test_a_dying_worker_fails_the_stage(synthetic: dict[str, Path], tmp_path: Pa
 
 def test_map_auto_follows_the_method(synthetic: dict[str, Path], tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from cpal.seed_io import SeedError
+    from cpal.seeds.store import SeedError
     from stages import ir_labels
 
     monkeypatch.setattr(irn_labels, "label_crf", _identity_crf)
@@ -475,8 +475,8 @@ def test_auto_planes_come_from_the_seed_folder(synthetic: dict[str, Path], tmp_p
 
 
 def test_an_irn_checkpoint_of_another_backbone_is_refused(synthetic: dict[str, Path], tmp_path: Path) -> None:
+    from cpal.core.training import CheckpointError
     from cpal.irn import refine
-    from cpal.training import CheckpointError
 
     model = _irn_checkpoint(tmp_path / "irn.pt")  # resnet18, output stride 16
     other = _params()

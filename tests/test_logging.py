@@ -1,4 +1,4 @@
-"""What the library modules log reaches the stage's log file, with a timestamp (cpal.runtime.setup_logging)."""
+"""What the library modules log reaches the stage's log file, with a timestamp (cpal.core.runtime.setup_logging)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import cpal
-from cpal.runtime import setup_logging
+from cpal.core.runtime import setup_logging
 
 STAMP = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} "
 
@@ -75,7 +75,7 @@ def test_data_stage_log_holds_the_voc_messages(tmp_path: Path, default_params: d
 FAULTS = """
 import resource, sys
 import numpy as np
-from cpal.runtime import keep_freed_memory
+from cpal.core.runtime import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else None
 def faults_of_one_buffer():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cpal.metrics import ConfusionMatrix, miou
+from cpal.core.metrics import ConfusionMatrix, miou
 
 
 def test_hand_computed_case() -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.models import WeightsEnum
 
-from cpal.models.backbone import build_backbone
-from cpal.models.cam_net import CAMNet
+from cpal.backbone import build_backbone
+from cpal.cls.network import CAMNet
 
 N = 4  # foreground classes
 LABELS = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.float32)
@@ -266,7 +266,7 @@ def test_batchnorm_folded_into_convolutions_gives_the_same_outputs(kind: str) ->
     no BatchNorm left, and a model still training is refused."""
     import copy
 
-    from cpal.models.backbone import fuse_batchnorm
+    from cpal.backbone import fuse_batchnorm
     from cpal.seg.model import build_segmenter
 
     if kind.startswith("seg_"):

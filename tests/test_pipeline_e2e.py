@@ -114,7 +114,7 @@ def test_dvc_experiment_then_compare(dvc_run: Path, tmp_path: Path) -> None:
 
     _run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-n", "k1", "-S", "params.K=1", "eval_seeds"], dvc_run)
     out = tmp_path / "experiments"
-    _run([sys.executable, "-m", "cpal.compare", "--out", str(out)], dvc_run)
+    _run([sys.executable, "-m", "cpal.report.compare", "--out", str(out)], dvc_run)
     table = pd.read_csv(out.with_suffix(".csv"))
     row = table[table["experiment"] == "k1"].iloc[0]
     assert row["params.K"] == 1 and 0 < row["seeds_pacam"] <= 100

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 
+from cpal.backbone import build_backbone, build_lite0_classifier, lite0_weights_path, load_lite0_imagenet
+from cpal.cls.network import CAMNet
 from cpal.data.torch_data import random_scale_flip_crop, to_tensor
-from cpal.models.backbone import build_backbone, build_lite0_classifier, lite0_weights_path, load_lite0_imagenet
-from cpal.models.cam_net import CAMNet
-from cpal.models.cpal_module import seeds_from_cam, structure_scores
+from cpal.plugin import seeds_from_cam, structure_scores
 from cpal.seg.model import build_segmenter
 
 
@@ -146,7 +146,7 @@ def test_valid_mask_marks_padding_and_keeps_it_out_of_seeds() -> None:
 
 
 def test_sipe_protocol_labels_take_the_own_background_channel() -> None:
-    from cpal.seed_io import labels_with_background
+    from cpal.seeds.store import labels_with_background
 
     maps = np.array([[[0.9, 0.2], [0.1, 0.6]], [[0.1, 0.7], [0.2, 0.5]]], dtype=np.float16)  # classes 2 and 5
     bg = np.array([[0.5, 0.5], [0.8, 0.4]], dtype=np.float16)

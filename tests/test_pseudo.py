@@ -1,4 +1,4 @@
-"""Pseudo-masks (cpal.pseudo): the seed threshold rule and uncertainty band, PNG sources, evaluation, stages."""
+"""Pseudo-masks (cpal.pseudo.labels): the seed threshold rule and uncertainty band, PNG sources, evaluation, stages."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
+from cpal.core.io import load_label_png, save_jpeg, save_label_png
 from cpal.data.voc import VOCDataset
-from cpal.io import load_label_png, save_jpeg, save_label_png
-from cpal.pseudo import PseudoLabelError, evaluate_pseudo_labels, make_pseudo_labels, pseudo_from_seeds
-from cpal.seed_io import save_seeds
+from cpal.pseudo.labels import PseudoLabelError, evaluate_pseudo_labels, make_pseudo_labels, pseudo_from_seeds
+from cpal.seeds.store import save_seeds
 
 LOG = logging.getLogger("test_pseudo")
 CFG = {"source": "seeds", "map": "cam", "bg_threshold": 0.5, "ignore_low": 0.0, "ignore_high": 0.0}
@@ -151,7 +151,7 @@ def test_eval_counts_abstention_as_a_miss(tmp_path: Path) -> None:
 
 
 def test_stage_entry_points(tmp_path: Path, tiny_params: dict) -> None:
-    from cpal.config import merge
+    from cpal.core.config import merge
     from stages.eval_pseudo import main as eval_main
     from stages.pseudo_labels import main as pseudo_main
 

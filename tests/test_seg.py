@@ -14,15 +14,15 @@ import torch
 import yaml
 from torch import nn
 
+from cpal.core.io import load_label_png, save_jpeg, save_label_png, write_json
+from cpal.core.training import CheckpointError, load_checkpoint
 from cpal.data.torch_data import IMAGENET_MEAN, IMAGENET_STD
 from cpal.data.voc import DatasetError, VOCDataset
-from cpal.io import load_label_png, save_jpeg, save_label_png, write_json
 from cpal.seg import model as seg_model
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.evaluate import evaluate_segmenter
 from cpal.seg.model import ASPPv2, build_segmenter, param_groups
 from cpal.seg.train import load_segmenter, train_segmenter
-from cpal.training import CheckpointError, load_checkpoint
 
 LOG = logging.getLogger("test_seg")
 CLASSES = ["background", "red", "green"]
@@ -300,7 +300,6 @@ def test_perfect_prediction_scores_one(data: Path) -> None:
     assert worse["miou"] < 1.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cpal.crf") is None, reason="cpal/crf.py (dense_crf) not written yet")
 @pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf is not installed")
 def test_crf_post_processing_is_reported_separately(data: Path) -> None:
     ds = VOCDataset(data, "val")
@@ -325,7 +324,7 @@ def test_val_split_without_masks_is_named(data: Path) -> None:
 
 
 def test_stages_train_and_evaluate_the_upper_bound(data: Path, tmp_path: Path, tiny_params: dict) -> None:
-    from cpal.config import merge, validate_params
+    from cpal.core.config import merge, validate_params
     from stages import eval_seg, train_seg
 
     params = validate_params(merge(tiny_params, {k: v for k, v in seg_params(epochs=1).items() if k != "data"}))

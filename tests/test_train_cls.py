@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from cpal.cls.train import load_trained_model, train_classifier
+from cpal.core.training import CheckpointError, load_checkpoint, poly_lambda
 from cpal.data.voc import VOCDataset
-from cpal.seed_eval import evaluate_seeds, thresholds_from
-from cpal.seed_io import SeedError, load_seeds, seed_path
-from cpal.seeds import make_seeds
-from cpal.train_cls import load_trained_model, train_classifier
-from cpal.training import CheckpointError, load_checkpoint, poly_lambda
+from cpal.seeds.evaluate import evaluate_seeds, thresholds_from
+from cpal.seeds.make import make_seeds
+from cpal.seeds.store import SeedError, load_seeds, seed_path
 
 LOG = logging.getLogger("test")
 
@@ -32,8 +32,8 @@ def test_poly_schedule() -> None:
 
 
 def test_sgd_gets_momentum_and_weight_decay_by_name(tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
-    from cpal.train_cls import build_model, param_groups
-    from cpal.training import build_optimizer
+    from cpal.cls.train import build_model, param_groups
+    from cpal.core.training import build_optimizer
 
     model = build_model(tiny_params, 6)
     opt = build_optimizer(param_groups(model, 0.1, 10.0), "sgd", 0.1, momentum=0.9, weight_decay=1e-4)
@@ -68,7 +68,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_params: dict, tiny_data: Pa
 def test_sipe_faithful_switches_in_the_training_loop(tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
     """Frozen stages and BatchNorm statistics, gradient clipping, the padding mask and structure-aware seeds
     all pass through train_classifier: the frozen stages end exactly at their ImageNet weights."""
-    from cpal.models.backbone import build_backbone
+    from cpal.backbone import build_backbone
 
     params = _params(tiny_params, epochs=1, freeze_stages=2, freeze_bn=True, grad_clip=0.5, mask_padding=True,
                      scale_range=[0.5, 0.7])  # small scales: every crop is padded

@@ -16,9 +16,9 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
+from cpal.core.io import load_label_png, save_label_png
 from cpal.data.download import ArchiveError, ChecksumError
 from cpal.data.voc12 import VOC_CLASSES, prepare_voc12
-from cpal.io import load_label_png, save_label_png
 
 _spec = importlib.util.spec_from_file_location("_cpal_test_download",
                                                Path(__file__).with_name("test_download.py"))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cpal.core.io import save_jpeg, save_label_png
 from cpal.data.voc import DatasetError, VOCDataset
-from cpal.io import save_jpeg, save_label_png
 
 CLASSES = ["background", "cat", "dog"]
 
@@ -113,7 +113,7 @@ def test_palette_png_round_trip(tmp_path: Path) -> None:
     label = np.random.default_rng(1).integers(0, 21, (31, 29)).astype(np.uint8)
     label[0] = 255
     save_label_png(tmp_path / "x.png", label)
-    from cpal.io import load_label_png
+    from cpal.core.io import load_label_png
 
     assert np.array_equal(load_label_png(tmp_path / "x.png"), label)
     with Image.open(tmp_path / "x.png") as img:

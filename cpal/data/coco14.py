@@ -28,7 +28,7 @@ from cpal.data.voc12 import (
     staged_output,
     write_layout,
 )
-from cpal.io import save_label_png
+from cpal.core.io import save_label_png
 
 log = logging.getLogger(__name__)
 

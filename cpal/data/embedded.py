@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cpal.io import save_jpeg, save_label_png, write_json, write_text
+from cpal.core.io import save_jpeg, save_label_png, write_json, write_text
 
 EMBEDDED_CLASSES: tuple[str, ...] = ("background", "bird", "boat", "bottle", "car", "cat", "dog")
 

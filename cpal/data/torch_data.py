@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cpal.data.voc import VOCDataset
-from cpal.training import channels_last
+from cpal.core.training import channels_last
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +30,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def image_batch(images: Iterable[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
     """Same-sized uint8 images -> one normalised (B, 3, H, W) batch in channels_last, the layout every
-    network stage runs in (cpal.training.channels_last)."""
+    network stage runs in (cpal.core.training.channels_last)."""
     return channels_last(torch.stack([to_tensor(image) for image in images]).to(device))
 
 

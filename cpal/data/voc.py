@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpal.io import load_label_png
+from cpal.core.io import load_label_png
 
 IGNORE_INDEX = 255
 

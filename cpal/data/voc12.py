@@ -29,7 +29,7 @@ from PIL import Image
 
 from cpal.data.download import fetch_and_extract, filename_from_url
 from cpal.data.voc import IGNORE_INDEX, VOC_CLASSES
-from cpal.io import load_label_png, save_jpeg, save_label_png, write_json, write_text
+from cpal.core.io import load_label_png, save_jpeg, save_label_png, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cpal.core.io import inputs_stamp, partial_folder, publish_folder, save_label_png
+from cpal.core.training import config_fingerprint
 from cpal.data.voc import VOCDataset
-from cpal.io import inputs_stamp, partial_folder, publish_folder, save_label_png
 from cpal.irn.thresholds import resolve_planes
-from cpal.seed_io import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
-from cpal.training import config_fingerprint
+from cpal.seeds.store import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 
 IGNORE = 255
 CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
@@ -33,8 +33,8 @@ CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "b
 
 def label_crf(image: np.ndarray, labels: np.ndarray, n_labels: int, gt_prob: float,
               cfg: dict[str, Any]) -> np.ndarray:
-    """The project's label CRF (cpal.crf), imported on use; tests replace this function."""
-    from cpal.crf import crf_from_labels
+    """The project's label CRF (cpal.crf.dense), imported on use; tests replace this function."""
+    from cpal.crf.dense import crf_from_labels
 
     return crf_from_labels(image, labels, n_labels, gt_prob, cfg)
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpal.models.backbone import Backbone, build_backbone
-from cpal.training import CheckpointError, load_checkpoint
+from cpal.backbone import Backbone, build_backbone
+from cpal.core.training import CheckpointError, load_checkpoint
 
 HEAD_CHANNELS = 32
 HEAD_GROUPS = 4

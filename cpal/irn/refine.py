@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cpal.backbone import for_inference
+from cpal.core.io import inputs_stamp, partial_folder, publish_folder, save_label_png
+from cpal.core.runtime import peak_rss_mib
+from cpal.core.training import config_fingerprint, resolve_device
 from cpal.data.torch_data import image_batch
 from cpal.data.voc import VOCDataset
-from cpal.io import inputs_stamp, partial_folder, publish_folder, save_label_png
 from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
 from cpal.irn.thresholds import resolve_planes
-from cpal.models.backbone import for_inference
-from cpal.runtime import peak_rss_mib
-from cpal.seed_io import check_complete, resolve_map, seed_path
-from cpal.training import config_fingerprint, resolve_device
+from cpal.seeds.store import check_complete, resolve_map, seed_path
 
 BOUNDARY_BATCH = 16  # images per boundary forward (same size only)
 REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk")

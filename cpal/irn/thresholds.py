@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cpal.seed_io import load_seeds, seed_path
+from cpal.seeds.store import load_seeds, seed_path
 
 AUTO = "auto"
 PLANES = ("fg_threshold", "bg_threshold", "sem_seg_bg_thres")

@@ -27,14 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cpal.data.torch_data import random_crop_pad, to_tensor
-from cpal.data.voc import VOCDataset
-from cpal.io import inputs_stamp, load_label_png, write_json
-from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
-from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
-from cpal.models.backbone import build_backbone, fuse_batchnorm
-from cpal.runtime import seed_everything
-from cpal.training import (
+from cpal.backbone import build_backbone, fuse_batchnorm
+from cpal.core.io import inputs_stamp, load_label_png, write_json
+from cpal.core.runtime import seed_everything
+from cpal.core.training import (
     build_optimizer,
     channels_last,
     config_fingerprint,
@@ -45,6 +41,10 @@ from cpal.training import (
     save_resume,
     set_determinism,
 )
+from cpal.data.torch_data import random_crop_pad, to_tensor
+from cpal.data.voc import VOCDataset
+from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
+from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
 
 IGNORE = 255
 EPS = 1e-5
@@ -124,7 +124,7 @@ def build_boundary_net(params: dict[str, Any], classifier: Path | None) -> tuple
 def runnable(model: BoundaryNet) -> tuple[BoundaryNet, nn.Module]:
     """The net as training runs it, and its backbone as it came (what the checkpoint saves).
 
-    The backbone is frozen, so a copy with its BatchNorm folded does its forward (cpal.models.backbone),
+    The backbone is frozen, so a copy with its BatchNorm folded does its forward (cpal.backbone),
     everything in channels_last.
     """
     backbone = model.backbone

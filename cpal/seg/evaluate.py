@@ -1,7 +1,7 @@
 """DeepLab evaluation on the val split (stage `eval_seg`): multi-scale + flip inference, optional dense CRF.
 
 Softmax probabilities are averaged over scales and flips at the image's own resolution; mIoU and
-per-class IoU come from cpal.metrics (DESIGN section 7). The CRF result is reported beside the plain
+per-class IoU come from cpal.core.metrics (DESIGN section 7). The CRF result is reported beside the plain
 one, never instead of it.
 """
 
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cpal.backbone import for_inference
+from cpal.core.metrics import ConfusionMatrix
 from cpal.data.torch_data import image_batch
 from cpal.data.voc import DatasetError, VOCDataset
-from cpal.metrics import ConfusionMatrix
-from cpal.models.backbone import for_inference
 
 EVAL_BATCH = 8  # images per forward (same size only)
 
@@ -65,7 +65,7 @@ def evaluate_segmenter(
 ) -> dict[str, Any]:
     """mIoU and per-class IoU of `model` on `dataset` (with ground truth), plain and, if cfg crf, with CRF.
 
-    cfg keys: scales (list of floats), flip (bool), crf (bool), crf_params (cpal.crf settings, when crf),
+    cfg keys: scales (list of floats), flip (bool), crf (bool), crf_params (cpal.crf.dense settings, when crf),
     amp (bool, CUDA only).
     """
     if not dataset.has_masks():
@@ -82,7 +82,7 @@ def evaluate_segmenter(
     use_crf = bool(cfg.get("crf", False))
     crf_fn, crf_params = None, None
     if use_crf:
-        from cpal.crf import dense_crf  # pydensecrf is only needed when CRF post-processing is asked for
+        from cpal.crf.dense import dense_crf  # pydensecrf is only needed when CRF post-processing is asked for
 
         crf_fn, crf_params = dense_crf, cfg["crf_params"]
     n = dataset.num_classes

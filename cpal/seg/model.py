@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights, ResNet101_Weights, segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from cpal.models.backbone import build_backbone
+from cpal.backbone import build_backbone
 
 SEG_BACKBONES = ("resnet18", "efficientnet_lite0", "resnet50", "resnet101")
 SEG_HEADS = ("v3", "v2")
@@ -58,7 +58,7 @@ class Segmenter(nn.Module):
         feats = self.backbone(x)
         if isinstance(feats, dict):  # torchvision's IntermediateLayerGetter
             feats = feats["out"]
-        elif isinstance(feats, tuple):  # cpal.models.backbone.Backbone: the four stages
+        elif isinstance(feats, tuple):  # cpal.backbone.Backbone: the four stages
             feats = feats[-1]
         logits = self.head(feats)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -18,12 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cpal import distributed
-from cpal.data.voc import IGNORE_INDEX, VOCDataset
-from cpal.runtime import seed_everything
-from cpal.seg.data import SegmentationData, class_balanced_weights
-from cpal.seg.model import Segmenter, build_segmenter, param_groups
-from cpal.training import (
+from cpal.core import distributed
+from cpal.core.runtime import seed_everything
+from cpal.core.training import (
     CheckpointError,
     build_optimizer,
     channels_last,
@@ -37,8 +34,11 @@ from cpal.training import (
     timing_summary,
     write_training_outputs,
 )
+from cpal.data.voc import IGNORE_INDEX, VOCDataset
+from cpal.seg.data import SegmentationData, class_balanced_weights
+from cpal.seg.model import Segmenter, build_segmenter, param_groups
 
-CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*` (cpal.models.backbone)
+CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*` (cpal.backbone)
 # Keys that only change evaluation: editing them must not invalidate a half-finished training run.
 EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params")
 
@@ -100,7 +100,7 @@ def train_segmenter(
 
     `labels_dir` None trains on ground truth (upper bound). `seg.iterations`, when set, overrides
     `seg.epochs`: training stops after that many steps, the poly schedule spanning them.
-    Under torchrun (WORLD_SIZE > 1; see cpal.distributed) every process calls this: DDP, `seg.batch_size`
+    Under torchrun (WORLD_SIZE > 1; see cpal.core.distributed) every process calls this: DDP, `seg.batch_size`
     the global batch split evenly, the loss normalised by the global batch's labelled pixels, BatchNorm
     synchronised if `seg.sync_bn`; rank 0 alone writes files; every rank returns the same metrics.
     `stop_after_epoch` ends the run early as a kill would (for tests of resumption).

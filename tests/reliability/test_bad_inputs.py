@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
+from cpal.core.io import save_label_png
+from cpal.core.training import load_checkpoint
 from cpal.data.voc import DatasetError, VOCDataset
-from cpal.io import save_label_png
-from cpal.training import load_checkpoint
 
 from .helpers import ROOT, check, env, run_stage, write_params
 

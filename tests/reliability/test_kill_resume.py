@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from cpal.core.training import load_checkpoint
 from cpal.data.sources import prepare_dataset
 from cpal.data.voc import VOCDataset
-from cpal.seed_io import SeedError, load_seeds, save_seeds, seed_path
-from cpal.training import load_checkpoint
+from cpal.seeds.store import SeedError, load_seeds, save_seeds, seed_path
 
 from .helpers import EPOCHS, check, env, kill_on_progress, run_stage, stage_cmd, wait_for, write_params
 
@@ -134,7 +134,7 @@ def test_make_seeds_killed_midway_publishes_nothing_and_resumes(seed_setup: tupl
     assert res.returncode != 0 and str(partial) in res.stderr and missing[0] in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "eval_seeds.json").exists()
 
-    # a kill during a write leaves a hidden temporary file (cpal.io.atomic_path): plant one, the rerun drops it
+    # a kill during a write leaves a hidden temporary file (cpal.core.io.atomic_path): plant one, the rerun drops it
     (partial / f".{missing[0]}.npz.killed.tmp.npz").write_bytes(b"PK\x03\x04 cut short")
     check(run_stage("make_seeds", *args, cwd=tmp_path))
     assert "continuing" in (tmp_path / "make_seeds.log").read_text()

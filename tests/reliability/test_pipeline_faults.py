@@ -127,7 +127,7 @@ def _cached_outs(ws: Path) -> dict[str, str]:
 
 def test_same_seed_gives_identical_cached_outputs(dvc_runs: dict) -> None:
     """Beyond metrics: dataset, seeds, label maps byte for byte; checkpoints tensor for tensor."""
-    from cpal.training import load_checkpoint
+    from cpal.core.training import load_checkpoint
 
     a, b = _cached_outs(dvc_runs["first"]), _cached_outs(dvc_runs["second"])
     assert len(a) >= 10 and a.keys() == b.keys()
@@ -215,7 +215,7 @@ def test_run_lock_taken_by_another_process_refuses_before_any_job(tmp_path: Path
     ws = tiny_workspace(tmp_path / "ws")
     lock = ws / ".snakemake" / "cpal-run.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cpal.runtime import hold_run_lock; "
+        [sys.executable, "-c", "import sys, time; from cpal.core.runtime import hold_run_lock; "
          "hold_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(lock)],
         env=env(), stdout=subprocess.PIPE, text=True)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpal.io import atomic_path, write_json
+from cpal.core.io import atomic_path, write_json
 
 
 class CheckpointError(ValueError):

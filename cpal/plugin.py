@@ -43,7 +43,7 @@ class CPALConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any] | None, where: str = "params") -> CPALConfig:
         """Missing keys take the defaults above; the result is checked against the params schema."""
-        from cpal.config import validate_section
+        from cpal.core.config import validate_section
 
         if cfg is None:
             cfg = {}
@@ -163,7 +163,7 @@ class SupportBank(nn.Module):
             raise ValueError(f"SupportBank.push: prototypes of shape {tuple(prototypes.shape)}, "
                              f"expected ({class_ids.numel()}, {self.dim})")
         if self.group is not None:
-            from cpal.distributed import all_gather_rows
+            from cpal.core.distributed import all_gather_rows
 
             # one collective for both: class ids (small integers) are exact in float32, the bank's dtype
             rows = torch.cat([class_ids.to(self.prototypes.dtype)[:, None],
@@ -300,7 +300,7 @@ def batch_class_means(instance: torch.Tensor, ok: torch.Tensor, group: Any = Non
     w = ok.to(instance.dtype)
     packed = torch.cat([torch.einsum("bk,bkc->kc", w, instance), w.sum(dim=0)[:, None]], dim=1)
     if group is not None:
-        from cpal.distributed import all_reduce_sum
+        from cpal.core.distributed import all_reduce_sum
 
         packed = all_reduce_sum(packed, group)
     return packed[:, :-1] / packed[:, -1:].detach().clamp(min=1)

@@ -1,4 +1,4 @@
-"""`cpal-compare` (or `python -m cpal.compare`): DVC experiments -> results/<name>.md, .csv and .png.
+"""`cpal-compare` (or `python -m cpal.report.compare`): DVC experiments -> results/<name>.md, .csv and .png.
 
     dvc exp run --queue -S params.K=1 ...; dvc queue start; (wait)
     cpal-compare --out results/experiments
@@ -13,7 +13,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from cpal.experiments import (
+from cpal.core.io import atomic_path, write_text
+from cpal.core.runtime import machine_description
+from cpal.report.experiments import (
     METRICS,
     WORKSPACE,
     experiment_table,
@@ -25,8 +27,6 @@ from cpal.experiments import (
     swept_params,
     to_markdown,
 )
-from cpal.io import atomic_path, write_text
-from cpal.runtime import machine_description
 
 
 def main(argv: list[str] | None = None) -> int:

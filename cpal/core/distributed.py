@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from cpal.runtime import stage_loggers
+from cpal.core.runtime import stage_loggers
 
 RELAUNCH_ENV = "CPAL_TORCHRUN_RELAUNCHED"
 
@@ -120,7 +120,7 @@ def setup(device_name: str) -> DistContext:
     One training per created group: gloo may fail to reconnect when a process re-creates the default
     group after destroying it, so a caller running several trainings in one job creates the group itself.
     """
-    from cpal.training import resolve_device
+    from cpal.core.training import resolve_device
 
     world = env_world_size()
     device = resolve_device(device_name)
@@ -401,12 +401,12 @@ def stage_argv(argv: Sequence[str] | None) -> list[str]:
 
 
 def rank_logging(log: logging.Logger, log_path: str | os.PathLike[str] | None) -> logging.Logger:
-    """Adjust a stage logger (from cpal.runtime.setup_logging, opened without a file) for this rank.
+    """Adjust a stage logger (from cpal.core.runtime.setup_logging, opened without a file) for this rank.
 
     Rank 0 logs INFO to stderr and to ``log_path``, appended when the stage relaunched itself (the
     parent's "started" line stays first); other ranks log warnings and errors to stderr only.
     """
-    targets = stage_loggers(log)  # the library's messages follow the stage's (cpal.runtime.setup_logging)
+    targets = stage_loggers(log)  # the library's messages follow the stage's (cpal.core.runtime.setup_logging)
     if env_rank() != 0:
         for target in targets:
             target.setLevel(logging.WARNING)

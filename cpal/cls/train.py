@@ -18,12 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cpal import distributed
-from cpal.data.torch_data import ClassificationData, image_batch
-from cpal.data.voc import VOCDataset
-from cpal.models.cam_net import CAMNet
-from cpal.runtime import seed_everything
-from cpal.training import (
+from cpal.cls.network import CAMNet
+from cpal.core import distributed
+from cpal.core.runtime import seed_everything
+from cpal.core.training import (
     CheckpointError,
     build_optimizer,
     channels_last,
@@ -37,6 +35,8 @@ from cpal.training import (
     timing_summary,
     write_training_outputs,
 )
+from cpal.data.torch_data import ClassificationData, image_batch
+from cpal.data.voc import VOCDataset
 
 CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*`, output_stride in meta
 
@@ -130,7 +130,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, write `model.pt` and `metrics.json` into out_dir.
 
-    Under torchrun (WORLD_SIZE > 1; see cpal.distributed) every process calls this: DDP over the ranks,
+    Under torchrun (WORLD_SIZE > 1; see cpal.core.distributed) every process calls this: DDP over the ranks,
     `train_cls.batch_size` the global batch split evenly among them, the support bank gathered across
     ranks, BatchNorm synchronised if `train_cls.sync_bn`; rank 0 alone evaluates and writes files, and
     every rank returns the same metrics. `stop_after_epoch` ends the run early as a kill would (for

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cpal.backbone import for_inference
+from cpal.cls.network import CAMNet
+from cpal.core.io import inputs_stamp, partial_folder, publish_folder
+from cpal.core.training import config_fingerprint
 from cpal.data.torch_data import image_batch
 from cpal.data.voc import VOCDataset
-from cpal.io import inputs_stamp, partial_folder, publish_folder
-from cpal.models.backbone import for_inference
-from cpal.models.cam_net import CAMNet
-from cpal.seed_io import BACKGROUND_KEY, save_seeds, seed_path
-from cpal.training import config_fingerprint
+from cpal.seeds.store import BACKGROUND_KEY, save_seeds, seed_path
 
 
 def seed_views(x: torch.Tensor, flip: bool) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Sources (`cfg['source']`):
 - `seeds`: the seed label map of `cfg['map']` (cam | pacam) with background where every foreground map
-  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seed_io.labels_from_maps`). Optional
+  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seeds.store.labels_from_maps`). Optional
   uncertainty band: pixels whose top foreground score lies in [`ignore_low`, `ignore_high`) become 255
   (ignored by the segmentation loss); the band is off when `ignore_high <= ignore_low`. A band around
   `bg_threshold` drops the pixels whose background / foreground call is least sure.
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cpal.core.io import save_label_png
+from cpal.core.metrics import ConfusionMatrix
+from cpal.crf.refine import staged_dir
 from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
-from cpal.io import save_label_png
-from cpal.metrics import ConfusionMatrix
-from cpal.refine_crf import staged_dir
-from cpal.seed_io import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
+from cpal.seeds.store import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
 
 SOURCES = ("seeds", "crf", "irn")
 

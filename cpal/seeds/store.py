@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpal.io import atomic_path
+from cpal.core.io import atomic_path
 
 MAP_KEYS = ("cam", "pacam")
 BACKGROUND_KEY = "pacam_bg"

@@ -121,7 +121,7 @@ def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpal.io import atomic_path
+    from cpal.core.io import atomic_path
 
     classes = list(rows[0]["per_class"]) if rows else []
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(classes) + 2), 4.2))
@@ -148,7 +148,7 @@ def plot_grid(panels: list[tuple[str, list[np.ndarray]]], titles: list[str], out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpal.io import atomic_path, voc_palette
+    from cpal.core.io import atomic_path, voc_palette
 
     palette = voc_palette()
     fig, axes = plt.subplots(len(panels), len(titles), figsize=(1.9 * len(titles), 1.9 * len(panels) + 0.5),
@@ -187,7 +187,7 @@ def terminal_table(csv_path: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cpal.report [results/report.csv]`: print the report's table (run.sh calls it last)."""
+    """`python -m cpal.report.summary [results/report.csv]`: print the report's table (run.sh calls it last)."""
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0] if args else "results/report.csv")
     if not path.is_file():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpal.models.backbone import build_backbone
-from cpal.models.cpal_module import (
+from cpal.backbone import build_backbone
+from cpal.plugin import (
     CPALConfig,
     SupportBank,
     batch_class_means,

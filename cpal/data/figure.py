@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpal.io import atomic_path, load_label_png, voc_palette
+from cpal.core.io import atomic_path, load_label_png, voc_palette
 
 
 def _dataset_classes(root: Path) -> list[str]:

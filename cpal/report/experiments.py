@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cpal.config import load_yaml
-from cpal.io import atomic_path
+from cpal.core.config import load_yaml
+from cpal.core.io import atomic_path
 
 
 @dataclass(frozen=True)

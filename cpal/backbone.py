@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from cpal.core.training import channels_last
 from cpal.data.torch_data import IMAGENET_MEAN, IMAGENET_STD
-from cpal.training import channels_last
 
 RESNETS = ("resnet18", "resnet50", "resnet101")
 EFFICIENTNETS = ("efficientnet_lite0",)

@@ -187,7 +187,7 @@ def write_resolved_params(config: dict[str, Any], path: str) -> str:
     text = yaml.safe_dump(config, sort_keys=True)
     target = Path(path)
     if not target.is_file() or target.read_text() != text:
-        from cpal.io import write_text
+        from cpal.core.io import write_text
 
         write_text(target, text)
     return str(target)

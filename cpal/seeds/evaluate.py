@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cpal.core.metrics import ConfusionMatrix
 from cpal.data.voc import VOCDataset
-from cpal.metrics import ConfusionMatrix
-from cpal.seed_io import BACKGROUND_KEY, MAP_KEYS, check_complete, labels_with_background, load_seeds, seed_path
+from cpal.seeds.store import BACKGROUND_KEY, MAP_KEYS, check_complete, labels_with_background, load_seeds, seed_path
 
 
 def thresholds_from(cfg: dict[str, Any]) -> np.ndarray:
@@ -81,7 +81,7 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
 def write_curve_csv(results: dict[str, Any], path: Path) -> None:
     import pandas as pd
 
-    from cpal.io import atomic_path
+    from cpal.core.io import atomic_path
 
     table = {"threshold": results["thresholds"]}
     for kind in MAP_KEYS:
@@ -98,8 +98,8 @@ def plot_threshold_curve(results: dict[str, Any], path: Path, command: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpal.io import atomic_path
-    from cpal.runtime import machine_description
+    from cpal.core.io import atomic_path
+    from cpal.core.runtime import machine_description
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for kind in MAP_KEYS:

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cpal.crf import dense_crf
+from cpal.core.io import save_label_png, staged_folder
+from cpal.crf.dense import dense_crf
 from cpal.data.voc import VOCDataset
-from cpal.io import save_label_png, staged_folder
-from cpal.seed_io import MAP_KEYS, load_seeds, seed_path
+from cpal.seeds.store import MAP_KEYS, load_seeds, seed_path
 
 BG_MODES = ("threshold", "power")
 
@@ -46,7 +46,7 @@ class RefineError(RuntimeError):
 
 @contextlib.contextmanager
 def staged_dir(out_dir: str | os.PathLike[str], log: logging.Logger | None = None) -> Iterator[Path]:
-    """cpal.io.staged_folder for a folder of label PNGs, with the previous output removed up front.
+    """cpal.core.io.staged_folder for a folder of label PNGs, with the previous output removed up front.
 
     Removed first because it belongs to an older run, and a failed rerun must not leave it looking like
     the new result. It must hold only PNG files, so a mistyped path cannot delete data.

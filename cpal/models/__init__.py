@@ -1,1 +1,0 @@
-"""Networks: backbone, CAM classifier, CPAL module."""

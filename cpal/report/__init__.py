@@ -1,0 +1,1 @@
+"""Report and experiments (stage `report`, console script `cpal-compare`): tables, figures, DVC experiment tables."""
