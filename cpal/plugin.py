@@ -1,6 +1,12 @@
-"""The CPAL mechanism (DESIGN section 5, steps 3-11): CAM normalisation, seeds, instance prototypes,
-the support bank, feature distribution alignment, positiveness-weighted top-K context prototypes,
-the prototype-aware CAM (PACAM) and the self-supervision loss.
+"""The CPAL mechanism as one plug-in (DESIGN section 5, steps 3-11): CAM normalisation, seeds, instance
+prototypes, the support bank, feature distribution alignment, positiveness-weighted top-K context
+prototypes, the prototype-aware CAM (PACAM) and the self-supervision loss.
+
+A host (this project's CAM / SIPE classifier, or a researcher's own CAM method) calls the names in
+``__all__`` and nothing else: :class:`ContextPrototypes` takes the host's feature map, class maps and
+image labels and returns the PACAM and L_self, keeping the support bank as buffers (so it is saved in the
+host's checkpoint) and gathering it across DDP ranks. The functions below it are its building blocks,
+public for tests and analysis scripts.
 
 Conventions: a map tensor with ``N + 1`` channels holds the background at channel 0 and foreground
 class ``n`` (dataset class index ``n``) at channel ``n``. The support bank indexes foreground classes
@@ -15,6 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = ["CPALConfig", "ContextPrototypes", "PrototypeOutput", "cam_with_background", "normalize_maps",
+           "METHODS"]
 
 METHODS = ("cam", "sipe", "cpal")
 METRICS = ("dot", "cos", "l2")
@@ -379,3 +388,103 @@ def self_loss(cam: torch.Tensor, pacam: torch.Tensor, present_all: torch.Tensor,
         v = valid.to(cam.dtype)
         per_map = (diff * v).sum(dim=(2, 3)) / v.sum(dim=(2, 3)).clamp(min=1)
     return per_map.sum(dim=1).mean() / cam.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plug-in
+
+
+@dataclass
+class PrototypeOutput:
+    """What :class:`ContextPrototypes` returns for one batch.
+
+    cam (B, N+1, h, w): the host's CAM with background at channel 0, normalised, absent classes zeroed;
+    pacam (B, N+1, h, w): the PACAM M~, normalised; raw_pacam: the same before normalisation (seed
+    generators sum it over scales); seeds (B, h, w) long, -1 on invalid pixels; prototypes (B, N+1, C)
+    the instance prototypes and ok (B, N+1) where they exist; loss_self: L_self (a scalar tensor).
+    """
+
+    cam: torch.Tensor
+    pacam: torch.Tensor
+    raw_pacam: torch.Tensor
+    seeds: torch.Tensor
+    prototypes: torch.Tensor
+    ok: torch.Tensor
+    loss_self: torch.Tensor
+
+
+class ContextPrototypes(nn.Module):
+    """CPAL for any CAM host: PACAM and L_self from the host's features, class maps and labels.
+
+    ``num_classes`` foreground classes, ``feature_dim`` channels of the feature map the prototypes are
+    pooled from, ``cfg`` the ``params`` section (:class:`CPALConfig` or a mapping). The support bank is
+    a child module (``bank``), so ``state_dict`` of the host carries it. In training mode every call
+    pushes the batch's detached instance prototypes into the bank after computing its PACAM, so a batch
+    never retrieves itself; in eval mode the bank is only read.
+    """
+
+    def __init__(self, num_classes: int, feature_dim: int, cfg: CPALConfig | dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if num_classes < 1 or feature_dim < 1:
+            raise ValueError(f"ContextPrototypes: num_classes and feature_dim must be >= 1, got "
+                             f"{num_classes} and {feature_dim}")
+        self.cfg = cfg if isinstance(cfg, CPALConfig) else CPALConfig.from_dict(cfg)
+        self.num_classes, self.feature_dim = num_classes, feature_dim
+        self.bank = SupportBank(num_classes, self.cfg.bank_size, feature_dim)
+
+    def distribute(self, group: Any) -> None:
+        """Under DDP (``group`` a process group; None: single process), the bank receives every rank's
+        prototypes in rank order and the alignment shift uses the global batch's mean; every rank of
+        ``group`` must then call :meth:`forward` in step (DDP does)."""
+        self.bank.group = group
+
+    def check_shapes(self, features: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor) -> None:
+        """A ValueError naming the shapes when the host's tensors do not fit together."""
+        b, n = class_maps.shape[:2] if class_maps.dim() == 4 else (None, None)
+        problems = []
+        if features.dim() != 4 or features.shape[1] != self.feature_dim:
+            problems.append(f"features must be (B, {self.feature_dim}, h, w), got {tuple(features.shape)}")
+        if class_maps.dim() != 4 or n != self.num_classes:
+            problems.append(f"class_maps must be (B, {self.num_classes}, h, w), got {tuple(class_maps.shape)}")
+        elif features.dim() == 4 and (features.shape[0] != b or features.shape[2:] != class_maps.shape[2:]):
+            problems.append(f"features {tuple(features.shape)} and class_maps {tuple(class_maps.shape)} must "
+                            "share batch size and grid (resize one to the other first)")
+        if labels.shape != (b if b is not None else labels.shape[0], self.num_classes):
+            problems.append(f"labels must be multi-hot (B, N) = ({b}, {self.num_classes}), got {tuple(labels.shape)}")
+        if problems:
+            raise ValueError("ContextPrototypes: " + "; ".join(problems))
+
+    def forward(self, features: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor, *,
+                valid: torch.Tensor | None = None, seed_features: torch.Tensor | None = None,
+                context: bool = True, align: bool | None = None) -> PrototypeOutput:
+        """PACAM and L_self of one batch.
+
+        features (B, C, h, w): the host's feature map F (CPAL pools prototypes from it; the paper uses
+        hierarchical, per-pixel L2-normalised features). class_maps (B, N, h, w): the host's raw class
+        activation maps on the same grid (ReLU and normalisation happen here). labels (B, N) multi-hot.
+        valid (B, 1, h, w) optional: true on real pixels. seed_features (B, C', h, w) optional: SIPE's
+        structure-aware seeds correlate them (``cfg.seed_mode`` structure). ``context`` False gives
+        SIPE (instance prototypes only); ``align`` defaults to ``cfg.use_alignment``.
+        """
+        self.check_shapes(features, class_maps, labels)
+        present = labels > 0.5
+        cam = cam_with_background(class_maps, present, valid)
+        present_all = F.pad(present, (1, 0), value=True)
+        seeds = seeds_from_cam(cam, present_all, valid, features=seed_features, bg_scale=self.cfg.seed_bg_scale)
+        inst, counts = instance_prototypes(features, seeds, cam.shape[1])
+        ok = present_all & (counts > 0)
+        means = None
+        align = self.cfg.use_alignment if align is None else align
+        if context and align and self.cfg.context_weight != 0 and self.training and self.bank.group is not None:
+            means = batch_class_means(inst, ok, self.bank.group)
+        protos = mix_prototypes(inst, ok, self.bank, self.cfg, align, class_means=means) if context else inst
+        raw = prototype_cam(features, protos, ok, center=self.cfg.center_features, valid=valid)
+        pacam = normalize_maps(raw)
+        loss = self_loss(cam, pacam, present_all, valid)
+        if means is not None:  # keeps the all-reduce in every rank's graph, so every rank runs its backward
+            loss = loss + 0.0 * means.sum()
+        if self.training:
+            rows, cols = ok[:, 1:].nonzero(as_tuple=True)  # batch order, then class order
+            self.bank.push(cols, inst[rows, cols + 1].detach())
+        return PrototypeOutput(cam=cam, pacam=pacam, raw_pacam=raw, seeds=seeds, prototypes=inst, ok=ok,
+                               loss_self=loss)

@@ -130,7 +130,7 @@ def _weight_diff(init: dict, ref: dict, other: dict) -> tuple[float, float]:
     """(||other - ref|| / ||ref - init||, max |other - ref|) over the trained parameters (not bank, not BN stats)."""
     diff = moved = largest = 0.0
     for key, value in ref.items():
-        if value.is_floating_point() and not key.startswith("bank.") and "running_" not in key:
+        if value.is_floating_point() and not key.startswith("cpal.bank.") and "running_" not in key:
             d, m = other[key] - value, value - init[key]
             diff += float((d * d).sum(dtype=torch.float64))
             moved += float((m * m).sum(dtype=torch.float64))
@@ -164,7 +164,7 @@ def test_ranks_end_with_identical_weights_and_bank(runs: dict, name: str) -> Non
             continue  # BatchNorm statistics of the local images differ between ranks
         assert torch.equal(value, r1["model"][key]), key
     if name != "seg_two":
-        assert int(r0["model"]["bank.count"].sum()) > 0
+        assert int(r0["model"]["cpal.bank.count"].sum()) > 0
     # rank 0 alone wrote the files, and wrote its own state
     for key, value in runs[name]["model"].items():
         assert torch.equal(value, r0["model"][key]), key
@@ -182,9 +182,9 @@ def test_two_processes_with_sync_bn_match_one(runs: dict) -> None:
         for key in ("loss", "loss_cls", "loss_self", "lr"):
             assert abs(a[key] - b[key]) < LOSS_TOL, (key, a[key], b[key])
     bank_a, bank_b = one["model"], two["model"]
-    assert torch.equal(bank_a["bank.count"], bank_b["bank.count"])
-    assert torch.equal(bank_a["bank.ptr"], bank_b["bank.ptr"])
-    assert float((bank_a["bank.prototypes"] - bank_b["bank.prototypes"]).abs().max()) < BANK_TOL
+    assert torch.equal(bank_a["cpal.bank.count"], bank_b["cpal.bank.count"])
+    assert torch.equal(bank_a["cpal.bank.ptr"], bank_b["cpal.bank.ptr"])
+    assert float((bank_a["cpal.bank.prototypes"] - bank_b["cpal.bank.prototypes"]).abs().max()) < BANK_TOL
 
 
 def test_without_sync_bn_batchnorm_statistics_differ(runs: dict) -> None:

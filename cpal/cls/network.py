@@ -9,18 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpal.backbone import build_backbone
-from cpal.plugin import (
-    CPALConfig,
-    SupportBank,
-    batch_class_means,
-    cam_with_background,
-    instance_prototypes,
-    mix_prototypes,
-    normalize_maps,
-    prototype_cam,
-    seeds_from_cam,
-    self_loss,
-)
+from cpal.plugin import ContextPrototypes, CPALConfig, PrototypeOutput, cam_with_background, normalize_maps
 
 SIDE_CHANNELS = (128, 128, 256, 256)  # SIPE's side-branch widths for layer1..layer4
 
@@ -48,7 +37,12 @@ class CAMNet(nn.Module):
         for conv in [*self.side, self.classifier]:
             nn.init.xavier_uniform_(conv.weight)
         self.feature_dim = sum(SIDE_CHANNELS)
-        self.bank = SupportBank(num_classes, self.cfg.bank_size, self.feature_dim)
+        self.cpal = ContextPrototypes(num_classes, self.feature_dim, self.cfg)
+
+    @property
+    def bank(self) -> nn.Module:
+        """The support bank (kept by the plug-in, saved in this model's state as ``cpal.bank.*``)."""
+        return self.cpal.bank
 
     def distribute(self, group: Any) -> None:
         """Train under DDP with the ranks of ``group`` (None: a single process again).
@@ -58,7 +52,7 @@ class CAMNet(nn.Module):
         process would on the same global batch. Training forwards become collectives: every rank of
         ``group`` must run them in step (DDP does).
         """
-        self.bank.group = group
+        self.cpal.distribute(group)
 
     # -- building blocks ---------------------------------------------------------------------------
 
@@ -93,28 +87,17 @@ class CAMNet(nn.Module):
         v = valid if valid.dim() == 4 else valid.unsqueeze(1)
         return F.interpolate(v.float(), size=size, mode="nearest") > 0.5
 
-    def _prototype_maps(self, cam: torch.Tensor, stages: tuple[torch.Tensor, ...], present_all: torch.Tensor,
-                        valid: torch.Tensor | None, use_context: bool, align: bool | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Raw PACAM (B, N+1, h, w), seeds, instance prototypes, their validity (B, N+1) and, in DDP
-        training, the global batch's per-class prototype means (else None).
+    def _prototypes(self, raw_cam: torch.Tensor, stages: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                    valid: torch.Tensor | None, use_context: bool, align: bool | None) -> PrototypeOutput:
+        """The plug-in on this network's hierarchical features.
 
         Structure-aware seeds correlate the last stage's features (SIPE does so in training; its
         inference uses the side features instead, a mismatch we do not copy)."""
         feats = self.hierarchical_features(stages)
         sem = stages[3] if self.cfg.seed_mode == "structure" else None
-        if sem is not None and sem.shape[2:] != cam.shape[2:]:
-            sem = F.interpolate(sem, size=cam.shape[2:], mode="bilinear", align_corners=False)
-        seeds = seeds_from_cam(cam, present_all, valid, features=sem, bg_scale=self.cfg.seed_bg_scale)
-        inst, counts = instance_prototypes(feats, seeds, cam.shape[1])
-        ok = present_all & (counts > 0)
-        means = None
-        align = self.cfg.use_alignment if align is None else align
-        if use_context and align and self.cfg.context_weight != 0 and self.training and self.bank.group is not None:
-            means = batch_class_means(inst, ok, self.bank.group)
-        protos = mix_prototypes(inst, ok, self.bank, self.cfg, align, class_means=means) if use_context else inst
-        raw = prototype_cam(feats, protos, ok, center=self.cfg.center_features, valid=valid)
-        return raw, seeds, inst, ok, means
+        if sem is not None and sem.shape[2:] != raw_cam.shape[2:]:
+            sem = F.interpolate(sem, size=raw_cam.shape[2:], mode="bilinear", align_corners=False)
+        return self.cpal(feats, raw_cam, labels, valid=valid, seed_features=sem, context=use_context, align=align)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -145,18 +128,10 @@ class CAMNet(nn.Module):
             out["loss"] = loss_cls
             return out
 
-        present_all = F.pad(present, (1, 0), value=True)
-        raw, seeds, inst, ok, means = self._prototype_maps(cam, stages, present_all, grid_valid,
-                                                           use_context=self.cfg.method == "cpal", align=None)
-        pacam = normalize_maps(raw)
-        loss_self = self_loss(cam, pacam, present_all, grid_valid)
-        if means is not None:  # keeps the all-reduce in every rank's graph, so every rank runs its backward
-            loss_self = loss_self + 0.0 * means.sum()
-        if self.training:
-            rows, cols = ok[:, 1:].nonzero(as_tuple=True)  # batch order, then class order
-            self.bank.push(cols, inst[rows, cols + 1].detach())
-        out.update(pacam=pacam, seeds=seeds, loss_self=loss_self,
-                   loss=loss_cls + self.cfg.lambda_self * loss_self)
+        proto = self._prototypes(raw_cam, stages, labels, grid_valid, use_context=self.cfg.method == "cpal",
+                                 align=None)
+        out.update(pacam=proto.pacam, seeds=proto.seeds, loss_self=proto.loss_self,
+                   loss=loss_cls + self.cfg.lambda_self * proto.loss_self)
         return out
 
     # -- inference ---------------------------------------------------------------------------------
@@ -187,10 +162,8 @@ class CAMNet(nn.Module):
         cam_fg = F.relu(raw_cam) * present.to(raw_cam.dtype)[:, :, None, None]
         if self.cfg.method == "cam":
             return (normalize_maps(cam_fg) if normalize else cam_fg), None
-        cam = cam_with_background(raw_cam, present)
-        present_all = F.pad(present, (1, 0), value=True)
         use_context = self.cfg.method == "cpal" if context is None else context
-        raw = self._prototype_maps(cam, stages, present_all, None, use_context=use_context, align=align)[0]
+        raw = self._prototypes(raw_cam, stages, labels.to(raw_cam.dtype), None, use_context, align).raw_pacam
         if normalize:
             return normalize_maps(cam_fg), normalize_maps(raw)
         return cam_fg, raw

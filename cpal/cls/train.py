@@ -38,7 +38,7 @@ from cpal.core.training import (
 from cpal.data.torch_data import ClassificationData, image_batch
 from cpal.data.voc import VOCDataset
 
-CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*`, output_stride in meta
+CHECKPOINT_FORMAT = 3  # 2: backbone stages as `stages.*`, output_stride in meta; 3: bank under `cpal.bank.*`
 
 
 def build_model(params: dict[str, Any], num_classes: int, pretrained: bool | None = None) -> CAMNet:
