@@ -15,26 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpal.cls.network import CAMNet
 from cpal.core import distributed
-from cpal.core.runtime import seed_everything
-from cpal.core.training import (
-    CheckpointError,
-    build_optimizer,
-    channels_last,
-    config_fingerprint,
-    load_checkpoint,
-    load_resume,
-    open_dvclive,
-    poly_lambda,
-    save_resume,
-    set_determinism,
-    timing_summary,
-    write_training_outputs,
-)
+from cpal.core.loop import ResumableTraining
+from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
 from cpal.data.torch_data import ClassificationData, image_batch
 from cpal.data.voc import VOCDataset
 
@@ -147,11 +133,8 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
            log: logging.Logger, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
     cfg, run = params["train_cls"], params["run"]
     device = ctx.device
-    set_determinism(device)
-    seed_everything(run["seed"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = out_dir / "resume.pt"
-    info = log.info if ctx.is_main else (lambda *a, **k: None)
+    loop = ResumableTraining("train_cls", ctx, out_dir, log, run["seed"])
+    info = loop.info
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
     val_set = VOCDataset(data_dir, cfg["val_split"])
@@ -176,30 +159,20 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         model.distribute(ctx.group)
     # method cam never uses the side convs (no PACAM): DDP must not wait for their gradients
     net = distributed.wrap_ddp(model, ctx, find_unused_parameters=params["params"]["method"] == "cam")
-    optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["new_layer_lr_mult"]), cfg["optimizer"],
-                                cfg["lr"], cfg["momentum"], cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"],
-                                                                         cfg["warmup_steps"]))
-    use_amp = device.type == "cuda" and cfg["amp"]
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loop.optimise(model, param_groups(model, cfg["lr"], cfg["new_layer_lr_mult"]), cfg, total_steps,
+                  cfg["warmup_steps"])
     meta = model_meta(params, train_set)
-    fingerprint = config_fingerprint(params["params"], cfg, run["seed"], params["data"])
-
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    state = loop.resume(config_fingerprint(params["params"], cfg, run["seed"], params["data"]))
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
     if ctx.distributed:
         info("DDP: %d processes (%s), %d images per process and step, sync_bn %s", ctx.world_size,
              "nccl" if device.type == "cuda" else "gloo", batch // ctx.world_size, bool(cfg.get("sync_bn", False)))
 
-    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0) if ctx.is_main else None
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
         data.set_epoch(epoch)
         batches = sampler(epoch)
-        loader = DataLoader(data, batch_sampler=batches, num_workers=run["num_workers"],
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            generator=torch.Generator().manual_seed(run["seed"] * 1000 + epoch))
+        loader = loop.loader(data, batches, run["num_workers"], epoch)
         sums = {"loss": 0.0, "loss_cls": 0.0, "loss_self": 0.0}
         seen, t0 = 0, time.perf_counter()
         bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and ctx.is_main),
@@ -207,21 +180,14 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         for step, (images, targets, valid, _) in enumerate(bar):
             images, targets = channels_last(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             valid = valid.to(device, non_blocking=True) if cfg["mask_padding"] else None
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            with torch.autocast(device_type=device.type, enabled=loop.use_amp):
                 out = net(images, targets, valid)
             loss = out["loss"]
             n = images.shape[0]
             if ctx.distributed and n * ctx.world_size != batches.global_size(step):
                 # a partial last batch: weight this rank's mean so DDP's average is the global batch mean
                 loss = loss * (n * ctx.world_size / batches.global_size(step))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg["grad_clip"] > 0:  # SIPE clips the gradient norm at 1
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            loop.step(loss, model.parameters(), cfg["grad_clip"])  # SIPE clips the gradient norm at 1
             seen += n
             for key in sums:
                 sums[key] += float(out[key].detach()) * n
@@ -234,23 +200,10 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         record = {key: value / max(seen, 1) for key, value in sums.items()}
         val_map = evaluate_map(model, val_set, device, cfg["batch_size"]) if ctx.is_main else None
         record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds,
-                      lr=scheduler.get_last_lr()[0], val_map=ctx.broadcast_float(val_map))
+                      lr=loop.lr, val_map=ctx.broadcast_float(val_map))
         history.append(record)
-        info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
-             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if live is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    live.log_metric(f"train_cls/{key}", value)
-            live.next_step()
-        if ctx.is_main:
-            save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
-        ctx.barrier()
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
-            info("stopping after epoch %d as asked", epoch + 1)
+        if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):
             return {"stopped_after_epoch": epoch + 1}
-    if live is not None:
-        live.end()
 
     # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
     timed = ("seconds", "images_per_s")
@@ -260,8 +213,5 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "val_map": history[-1]["val_map"] if history else None,
         "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    timing = timing_summary(history, device, ctx.world_size if ctx.distributed else 1)
-    write_training_outputs(out_dir, ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics, timing,
-                           resume_path)
-    ctx.barrier()
+    loop.finish(model, meta, metrics, history)
     return metrics

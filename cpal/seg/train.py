@@ -15,25 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpal.core import distributed
-from cpal.core.runtime import seed_everything
-from cpal.core.training import (
-    CheckpointError,
-    build_optimizer,
-    channels_last,
-    config_fingerprint,
-    load_checkpoint,
-    load_resume,
-    open_dvclive,
-    poly_lambda,
-    save_resume,
-    set_determinism,
-    timing_summary,
-    write_training_outputs,
-)
+from cpal.core.loop import ResumableTraining
+from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
@@ -116,11 +102,8 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
            out_dir: Path, log: logging.Logger, progress: bool, stop_after_epoch: int | None) -> dict[str, Any]:
     cfg, run = seg_config(params), params["run"]
     device = ctx.device
-    set_determinism(device)
-    seed_everything(run["seed"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = out_dir / "resume.pt"
-    info = log.info if ctx.is_main else (lambda *a, **k: None)
+    loop = ResumableTraining("train_seg", ctx, out_dir, log, run["seed"])
+    info = loop.info
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
     data = SegmentationData(train_set, labels_dir, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
@@ -149,20 +132,13 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     if sync_bn:
         model = distributed.convert_sync_batchnorm(model, ctx)
     net = distributed.wrap_ddp(model, ctx)
-    optimizer = build_optimizer(param_groups(model, cfg["lr"], cfg["head_lr_mult"]), cfg.get("optimizer", "sgd"),
-                                cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
-    use_amp = device.type == "cuda" and cfg["amp"]
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loop.optimise(model, param_groups(model, cfg["lr"], cfg["head_lr_mult"]), cfg, total_steps)
     weights = class_balanced_weights(data.class_pixels) if cfg["class_balanced"] else None
     weight_t = torch.from_numpy(weights).to(device) if weights is not None else None
     meta = seg_meta(cfg, train_set.classes, data.source)
     train_cfg = {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
-    fingerprint = config_fingerprint(train_cfg, run["seed"], params.get("data"), data.source,
-                                     data.class_pixels.tolist(), train_set.ids)
-
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    state = loop.resume(config_fingerprint(train_cfg, run["seed"], params.get("data"), data.source,
+                                           data.class_pixels.tolist(), train_set.ids))
     start_epoch, step, history = (state["epoch"], state["step"], list(state["history"])) if state else (0, 0, [])
 
     info("train_seg: %s/%s init=%s on %s, %d images, %d steps (%d epochs), device %s", cfg["backbone"],
@@ -170,13 +146,10 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     if ctx.distributed:
         info("DDP: %d processes (%s), %d images per process and step, sync_bn %s", ctx.world_size,
              "nccl" if device.type == "cuda" else "gloo", batch // ctx.world_size, sync_bn)
-    live = open_dvclive(out_dir / "dvclive", resume=start_epoch > 0) if ctx.is_main else None
     model.train()
     for epoch in range(start_epoch, n_epochs):
         data.set_epoch(epoch)
-        loader = DataLoader(data, batch_sampler=sampler(epoch), num_workers=run["num_workers"],
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            generator=torch.Generator().manual_seed(run["seed"] * 1000 + epoch))
+        loader = loop.loader(data, sampler(epoch), run["num_workers"], epoch)
         loss_sum, correct, labelled, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"train_seg epoch {epoch + 1}/{n_epochs}", disable=not (progress and ctx.is_main),
                    leave=False)
@@ -184,7 +157,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
             if step >= total_steps:
                 break
             images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            with torch.autocast(device_type=device.type, enabled=loop.use_amp):
                 logits = net(images)
             n = images.shape[0]
             if ctx.distributed:  # step_loss: this rank's share of the global batch's mean loss
@@ -192,11 +165,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
             else:
                 loss = F.cross_entropy(logits.float(), labels, weight=weight_t, ignore_index=IGNORE_INDEX)
                 step_loss = float(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            loop.step(loss)
             step += 1
             seen += n
             loss_sum += step_loss * (n * ctx.world_size)  # (global batch mean) x (global batch size), summed over ranks
@@ -209,24 +178,11 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
             correct, labelled, seen = int(round(correct)), int(round(labelled)), int(round(seen))
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
-                  "pixel_acc": correct / max(labelled, 1), "lr": scheduler.get_last_lr()[0],
+                  "pixel_acc": correct / max(labelled, 1), "lr": loop.lr,
                   "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         history.append(record)
-        info("epoch %d/%d: %s", epoch + 1, n_epochs,
-             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if live is not None:
-            for key, value in record.items():
-                if key not in ("epoch", "step"):
-                    live.log_metric(f"train_seg/{key}", value)
-            live.next_step()
-        if ctx.is_main:
-            save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, step=step, history=history, meta=meta)
-        ctx.barrier()
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < n_epochs:
-            info("stopping after epoch %d as asked", epoch + 1)
+        if loop.end_epoch(epoch, n_epochs, record, history, meta, stop_after_epoch, step=step):
             return {"stopped_after_epoch": epoch + 1}
-    if live is not None:
-        live.end()
 
     # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
     timed = ("seconds", "images_per_s")
@@ -244,11 +200,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "final_loss": history[-1]["loss"] if history else None,
         "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    timing = timing_summary(history, device, ctx.world_size if ctx.distributed else 1)
-    timing["total_seconds"] = float(sum(h["seconds"] for h in history))
-    write_training_outputs(out_dir, ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics, timing,
-                           resume_path)
-    ctx.barrier()
+    loop.finish(model, meta, metrics, history, total_seconds=float(sum(h["seconds"] for h in history)))
     return metrics
 
 
