@@ -454,7 +454,6 @@ rule report:
         data=DATA,
         seeds_eval="results/eval_seeds.json",
         crf_eval="results/eval_crf.json",
-        irn_eval="results/eval_irn.json",
         pseudo_eval="results/eval_pseudo.json",
         seg_eval="results/eval_seg.json",
         full_eval="results/eval_seg_full.json",

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log, params = start(args, "report")
     out = Path(args.out)
-    rows = collect_rows(Path(args.results), Path(args.logs))
+    rows = collect_rows(Path(args.results), Path(args.logs), with_irn=False)
     footer = f"{machine_description()}; one run. Reproduce: {COMMAND}"
     seg_cfg = params["seg"]
     write_text(out, markdown(rows, params["params"]["method"], machine_description(), COMMAND, seg_cfg["init"]))

@@ -15,10 +15,15 @@ SNAKEMAKE_PARAMS = "--params outputs/params.snakemake.yaml"  # the Snakefile's w
 CODE_PREFIXES = ("stages/", "cpal/")
 
 
-def snakemake_jobs() -> dict[str, dict]:
-    """Rule name -> command, inputs, outputs, from a forced dry run with printed shell commands."""
+BRANCH_IRN = {"ir_labels", "train_irn", "refine_irn", "eval_irn"}  # off the default path (branches/irn/dvc.yaml)
+
+
+def snakemake_jobs(*targets: str, extra: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Rule name -> command, inputs, outputs, from a forced dry run with printed shell commands (default
+    targets: every rule, the IRN branch included)."""
+    targets = targets or ("all", "results/eval_irn.json")
     out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "2"],
+        [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "2", *targets, *extra],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     jobs: dict[str, dict] = {}
@@ -70,6 +75,18 @@ def both() -> tuple[dict, dict]:
 def test_same_stages(both: tuple[dict, dict]) -> None:
     smk, dvc = both
     assert set(smk) == set(dvc)
+
+
+def test_irn_branch_runs_only_when_asked_for_or_needed(tmp_path: Path) -> None:
+    default = snakemake_jobs("all")
+    assert BRANCH_IRN.isdisjoint(default) and {"refine_crf", "train_seg", "report"} <= set(default)
+    override = tmp_path / "irn.yaml"
+    override.write_text("pseudo:\n  source: irn\n")
+    needed = snakemake_jobs("all", extra=("--configfile", str(override)))
+    assert BRANCH_IRN - {"eval_irn"} <= set(needed)  # pseudo_labels reads outputs/irn/maps
+    root_stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    branch_stages = set(yaml.safe_load((ROOT / "branches" / "irn" / "dvc.yaml").read_text())["stages"])
+    assert branch_stages == BRANCH_IRN and root_stages.isdisjoint(BRANCH_IRN)
 
 
 def test_same_commands(both: tuple[dict, dict]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cpal import compare
+from cpal.report import compare
 from cpal.report.experiments import NOTES_MARKER, experiment_table, sort_rows, swept_params
 
 BASE = {"params": {"K": 5, "bank_size": 100, "metric": "dot"}, "run": {"seed": 0}}

@@ -45,7 +45,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tiny_workspace(tmp_path_factory.mktemp("smk") / "ws")
-    _run([sys.executable, "-m", "snakemake", "--cores", "2"], ws)
+    _run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "results/eval_irn.json"], ws)  # + the IRN branch
     return ws
 
 
@@ -53,6 +53,7 @@ def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tiny_workspace(tmp_path_factory.mktemp("dvc") / "ws")
     _run([sys.executable, "-m", "dvc", "repro", "-q"], ws)
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "branches/irn/dvc.yaml"], ws)  # the IRN branch, on request
     return ws
 
 

@@ -22,11 +22,15 @@ from cpal.core.loop import ResumableTraining
 from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.seg.data import SegmentationData, class_balanced_weights
+from cpal.seg.evaluate import evaluate_segmenter
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
 
 CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*` (cpal.backbone)
 # Keys that only change evaluation: editing them must not invalidate a half-finished training run.
-EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params")
+EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params", "val_every")
+# The per-epoch validation curve (seg.val_every): one scale, no flip, no CRF, so it is cheap; eval_seg reports
+# the final numbers with the full protocol.
+CURVE_PROTOCOL = {"scales": [1.0], "flip": False, "crf": False}
 
 
 def seg_config(params: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +110,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     info = loop.info
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
+    val_set = VOCDataset(data_dir, cfg["val_split"]) if cfg.get("val_every") else None
     data = SegmentationData(train_set, labels_dir, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
                             cache=cfg.get("cache_images", True))
     batch = cfg["batch_size"]
@@ -180,6 +185,14 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
                   "pixel_acc": correct / max(labelled, 1), "lr": loop.lr,
                   "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+        val_every = int(cfg.get("val_every") or 0)
+        if val_every and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):
+            miou = None
+            if ctx.is_main:
+                scores = evaluate_segmenter(model, val_set, {**CURVE_PROTOCOL, "amp": cfg["amp"]}, device, log,
+                                            progress=False)
+                miou = scores["miou"]
+            record["val_miou"] = ctx.broadcast_float(miou)
         history.append(record)
         if loop.end_epoch(epoch, n_epochs, record, history, meta, stop_after_epoch, step=step):
             return {"stopped_after_epoch": epoch + 1}

@@ -250,8 +250,11 @@ WRONG = [
 
 
 def _dvc_commands() -> dict[str, str]:
-    """Every stage command exactly as dvc.yaml has it, with the tiny preset's interpolated values."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Every stage command exactly as dvc.yaml (and branches/*/dvc.yaml) has it, with the tiny preset's
+    interpolated values."""
+    stages = {}
+    for dvc_file in [ROOT / "dvc.yaml", *sorted((ROOT / "branches").glob("*/dvc.yaml"))]:
+        stages.update(yaml.safe_load(dvc_file.read_text())["stages"])
     values = {"data.dir": "data/tiny", "pseudo.source": "crf"}
     return {name: re.sub(r"\$\{([\w.]+)\}", lambda m: values[m[1]], stage["cmd"]) for name, stage in stages.items()}
 
