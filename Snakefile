@@ -18,6 +18,11 @@ from cpal.core.runtime import hold_run_lock  # noqa: E402
 configfile: "params.yaml"
 
 
+# `snakemake --report report.html` (after a run): Snakemake's self-contained report of the outputs marked
+# with report() below, each with its caption from report/.
+report: "report/workflow.rst"
+
+
 validate(config, "cpal/params.schema.json")
 validate_params(config, source="Snakemake config (params.yaml + overrides)")
 
@@ -42,6 +47,7 @@ rule all:
     input:
         "results/dataset_samples.png",
         "results/report.md",
+        "results/gallery.html",
     default_target: True
 
 
@@ -67,7 +73,7 @@ rule dataset_figure:
     input:
         data=DATA,
     output:
-        "results/dataset_samples.png",
+        report("results/dataset_samples.png", caption="report/dataset_samples.rst", category="Data"),
     params:
         params_file=PARAMS,
         data=config["data"],
@@ -140,8 +146,8 @@ rule eval_seeds:
         seeds="outputs/seeds/maps",
     output:
         metrics="results/eval_seeds.json",
-        curve="results/eval_seeds_curve.csv",
-        plot="results/eval_seeds_curve.png",
+        curve=report("results/eval_seeds_curve.csv", caption="report/eval_seeds_table.rst", category="Seeds"),
+        plot=report("results/eval_seeds_curve.png", caption="report/eval_seeds_curve.rst", category="Seeds"),
     params:
         params_file=PARAMS,
         method=config["params"],
@@ -462,14 +468,16 @@ rule report:
         seg="outputs/seg/model.pt",
     output:
         md="results/report.md",
-        csv="results/report.csv",
-        bars="results/report_per_class.png",
-        grid="results/report_grid.png",
+        csv=report("results/report.csv", caption="report/report_table.rst", category="Results"),
+        bars=report("results/report_per_class.png", caption="report/per_class.rst", category="Results"),
+        grid=report("results/report_grid.png", caption="report/grid.rst", category="Results"),
+        gallery=report("results/gallery.html", caption="report/gallery.rst", category="Gallery"),
     params:
         params_file=PARAMS,
         method=config["params"],
         seeds=config["seeds"],
         seg=config["seg"],
+        report=config["report"],
         run=config["run"],
     log:
         "outputs/logs/report.log",
@@ -481,4 +489,4 @@ rule report:
     shell:
         "python -m stages.report --params {params.params_file} --data {input.data} --results results "
         "--logs outputs/logs --seeds {input.seeds} --pseudo {input.pseudo} --seg {input.seg} --out {output.md} "
-        "--log {log}"
+        "--gallery {output.gallery} --log {log}"

@@ -1,21 +1,19 @@
-"""Stage `report`: results/report.md and .csv (one row per stage), per-class IoU bars, qualitative grid."""
+"""Stage `report`: results/report.md and .csv (one row per stage), per-class IoU bars, qualitative grid and
+the self-contained gallery page (results/gallery.html)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
-from cpal.core.io import atomic_path, load_label_png, write_text
+from cpal.core.io import atomic_path, write_text
 from cpal.core.runtime import machine_description
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
+from cpal.report.gallery import COLUMNS, collect_panels, grid_rows, seed_thresholds, write_gallery
 from cpal.report.summary import collect_rows, markdown, plot_grid, plot_per_class
-from cpal.seeds.store import labels_from_maps, load_seeds, seed_path
-from cpal.seg.evaluate import predict_probs
 from cpal.seg.train import load_segmenter
 from stages.common import parser, start
 
@@ -31,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pseudo", required=True, help="pseudo-mask folder")
     p.add_argument("--seg", required=True, help="DeepLab checkpoint trained on the pseudo-masks")
     p.add_argument("--out", required=True, help="report.md to write (report.csv and PNGs beside it)")
+    p.add_argument("--gallery", required=True, help="gallery.html to write (report.gallery_images images)")
     p.add_argument("--grid", type=int, default=4, help="images in the qualitative grid (the first ids)")
     args = p.parse_args(argv)
     log, params = start(args, "report")
@@ -47,28 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     dataset = VOCDataset(args.data, params["seeds"]["split"])
     device = resolve_device(params["run"]["device"])
     model, _ = load_segmenter(Path(args.seg), seg_cfg, dataset.classes, device)
-    thresholds = {kind: r["best_threshold"] for kind, r in _seed_results(Path(args.results)).items()}
-    panels = []
-    for image_id in dataset.ids[:args.grid]:
-        image = dataset.image(image_id)
-        seeds = load_seeds(seed_path(args.seeds, image_id), expected_size=image.shape[:2])
-        maps = [labels_from_maps(seeds[k], seeds["keys"], thresholds.get(k, 0.5)) if k in seeds
-                else np.zeros(image.shape[:2], np.uint8) for k in ("cam", "pacam")]
-        with torch.no_grad():
-            pred = predict_probs(model, image, seg_cfg["scales"], seg_cfg["flip"], device).argmax(0).numpy()
-        panels.append((image_id, [image, dataset.mask(image_id), *maps,
-                                  load_label_png(Path(args.pseudo) / f"{image_id}.png"), pred.astype(np.uint8)]))
-    plot_grid(panels, ["image", "ground truth", "CAM seed", "PACAM seed", "pseudo-mask", "DeepLab"],
-              out.with_name(out.stem + "_grid.png"), footer)
+    shown = dataset.ids[:max(args.grid, params["report"]["gallery_images"])]
+    panels = collect_panels(dataset, shown, Path(args.seeds), Path(args.pseudo), model, seg_cfg,
+                            seed_thresholds(Path(args.results)), device)
+    plot_grid(grid_rows(panels[:args.grid]), list(COLUMNS), out.with_name(out.stem + "_grid.png"), footer)
+    gallery = panels[:params["report"]["gallery_images"]]
+    title = f"CPAL run gallery: method {params['params']['method']}, {len(gallery)} images of split {dataset.split}"
+    write_gallery(Path(args.gallery), gallery, dataset.classes, title,
+                  f"{footer}. CAM and PACAM seeds at the background threshold eval_seeds picked; the pseudo-masks "
+                  f"DeepLab trained on; DeepLab with the eval settings (scales {seg_cfg['scales']}, flip "
+                  f"{seg_cfg['flip']}, no CRF). mIoU per image over the classes in its ground truth or map.")
     log.info("wrote %s (%d stages)", out, len(rows))
     return 0
-
-
-def _seed_results(results: Path) -> dict:
-    import json
-
-    data = json.loads((results / "eval_seeds.json").read_text())
-    return {k: data[k] for k in ("cam", "pacam") if k in data}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["Snakefile", "dvc.yaml", "branches", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages",
-                  "configs"]
+                  "configs", "report"]
 
 
 def tiny_workspace(dest: Path) -> Path:

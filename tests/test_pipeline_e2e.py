@@ -60,6 +60,7 @@ def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
     for path in COMPARED + ["results/dataset_samples.png", "results/eval_seeds_curve.png", "results/report.md",
                             "results/report.csv", "results/report_per_class.png", "results/report_grid.png",
+                            "results/gallery.html",
                             "outputs/train_cls/model.pt", "outputs/seeds/timing.json"]:
         assert (snakemake_run / path).is_file(), path
     for log in STAGES:
@@ -69,6 +70,24 @@ def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
     for name in ("eval_crf", "eval_irn", "eval_pseudo", "eval_seg", "eval_seg_full"):
         result = json.loads((snakemake_run / "results" / f"{name}.json").read_text())
         assert 0 < result["miou"] <= 1, name
+
+
+def test_gallery_and_snakemake_report(snakemake_run: Path, tmp_path: Path) -> None:
+    """The report stage's gallery page (self-contained, report.gallery_images rows) and Snakemake's own report
+    of the outputs the Snakefile marks with report()."""
+    import re
+
+    import yaml
+
+    page = (snakemake_run / "results" / "gallery.html").read_text()
+    shown = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["report"]["gallery_images"]
+    assert page.count('<tr class="row">') == shown
+    assert re.findall(r'src="([^"]*)"', page) and not re.search(r'src="(?!data:)|https?://|<script', page)
+    out = tmp_path / "snakemake report.html"
+    _run([sys.executable, "-m", "snakemake", "--report", str(out)], snakemake_run)
+    text = out.read_text()
+    for name in ("gallery.html", "report_per_class.png", "report_grid.png", "eval_seeds_curve.png"):
+        assert name in text, name
 
 
 def test_snakemake_and_dvc_give_identical_metrics(snakemake_run: Path, dvc_run: Path) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cpal.cls.network import CAMNet
 from cpal.core import distributed
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
+from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint, load_for_new_images
 from cpal.data.torch_data import ClassificationData, image_batch
 from cpal.data.voc import VOCDataset
 
@@ -68,6 +68,17 @@ def load_trained_model(path: Path, params: dict[str, Any], dataset: VOCDataset, 
     model = build_model(params, dataset.num_classes - 1, pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def load_classifier_as_trained(path: Path, classes: list[str] | None, device: torch.device,
+                               source: str = "--classes") -> tuple[CAMNet, dict[str, Any]]:
+    """(classifier in eval mode, meta) of a train_cls checkpoint built as its meta records (no params file:
+    for new images); `classes` (None: the checkpoint's own, background first) must equal its class list."""
+    ckpt, meta = load_for_new_images(path, CHECKPOINT_FORMAT, "train_cls", classes, source)
+    model = CAMNet(meta["num_classes"], backbone=meta["backbone"], pretrained=False, method_cfg=meta["params"],
+                   output_stride=meta["output_stride"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), meta
 
 
 def param_groups(model: torch.nn.Module, lr: float, new_layer_mult: float) -> list[dict[str, Any]]:

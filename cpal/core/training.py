@@ -23,6 +23,25 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable, pickled objects, or made for another setting."""
 
 
+def load_for_new_images(path: Path, fmt: int, stage: str, classes: list[str] | None, source: str
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checkpoint, meta) of a `stage` model.pt for use without a params file (cpal-predict): the format must
+    be `fmt`, and `classes` (None: no check) must equal the class list it was trained for, in order: its
+    output channels would otherwise be read as the wrong classes without any error. Refusals name both lists."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    meta = ckpt.get("meta", {})
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}, but a {stage} model.pt of this "
+                              f"code has format {fmt}; is it the {stage} checkpoint?")
+    trained = list(meta.get("classes") or [])
+    if classes is not None and trained != list(classes):
+        raise CheckpointError(
+            f"{path} was trained for {len(trained)} classes {trained}, but {source} asks for {len(classes)} "
+            f"classes {list(classes)}; use the checkpoint trained on these classes or give its class list"
+        )
+    return ckpt, meta
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA without one is an error, not a silent CPU run."""
     if name == "auto":

@@ -75,6 +75,17 @@ def _normalise_present(maps: torch.Tensor, keys: np.ndarray) -> np.ndarray:
     return (sel / peak).clamp_(0, 1).cpu().numpy()
 
 
+def seed_maps(cam: torch.Tensor, pacam: torch.Tensor | None, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """One image's seed-file maps from its summed multiscale_maps: `cam`, and for prototype methods `pacam`
+    and the background prototype's map, each in [0, 1] (make_seeds stores them; cpal-predict draws them)."""
+    maps = {"cam": _normalise_present(cam, keys)}
+    if pacam is not None:
+        maps["pacam"] = _normalise_present(pacam[1:], keys)
+        bg = pacam[0]
+        maps[BACKGROUND_KEY] = (bg / bg.max().clamp_min(1e-5)).clamp_(0, 1).cpu().numpy()
+    return maps
+
+
 def seeds_fingerprint(model: torch.nn.Module, dataset: VOCDataset, cfg: dict[str, Any], device: torch.device,
                       context: bool | None) -> str:
     """What a partial seed folder was started with: weights (support bank included), settings, images.
@@ -110,11 +121,7 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
         cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
         for b, image_id in enumerate(ids):
             keys = dataset.labels(image_id)
-            maps = {"cam": _normalise_present(cam[b], keys)}
-            if pacam is not None:
-                maps["pacam"] = _normalise_present(pacam[b, 1:], keys)
-                bg = pacam[b, 0]
-                maps[BACKGROUND_KEY] = (bg / bg.max().clamp_min(1e-5)).clamp_(0, 1).cpu().numpy()
+            maps = seed_maps(cam[b], None if pacam is None else pacam[b], keys)
             save_seeds(seed_path(partial, image_id), keys, tuple(images.shape[2:]), maps)
             done += 1
         bar.update(len(ids))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cpal.core import distributed
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
+from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint, load_for_new_images
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.evaluate import evaluate_segmenter
@@ -72,9 +72,23 @@ def load_segmenter(
     ckpt = load_checkpoint(path, map_location="cpu")
     meta = ckpt.get("meta", {})
     check_seg_meta(meta, cfg, classes, path)
-    model = build_segmenter({**cfg, "init": "none"}, len(classes))  # weights come from the file: no download
+    return _segmenter_from(ckpt, cfg, device), meta
+
+
+def load_segmenter_as_trained(path: Path, classes: list[str] | None, device: torch.device, source: str = "--classes"
+                              ) -> tuple[Segmenter, dict[str, Any]]:
+    """(model in eval mode, meta) of a train_seg checkpoint built as its meta records (no params file: for new
+    images); `classes` (None: the checkpoint's own) must equal the list it was trained for."""
+    ckpt, meta = load_for_new_images(path, CHECKPOINT_FORMAT, "train_seg", classes, source)
+    return _segmenter_from(ckpt, meta, device), meta
+
+
+def _segmenter_from(ckpt: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> Segmenter:
+    """The checkpoint's weights in the architecture of cfg (backbone, head) for its class count."""
+    num_classes = len(ckpt.get("meta", {}).get("classes", []))
+    model = build_segmenter({**cfg, "init": "none"}, num_classes)  # weights come from the file: no download
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), meta
+    return model.to(device).eval()
 
 
 def train_segmenter(
