@@ -41,7 +41,8 @@ from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
 
 ROOT = Path(__file__).resolve().parents[1]
-FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)")
+FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)"
+                      r"(?: cuda_peak_mib=(\d+))?")
 LOG = logging.getLogger("benchmarks")
 
 
@@ -61,14 +62,16 @@ def fresh_copy(dest: Path) -> Path:
 
 
 def stage_costs(logs: Path) -> dict[str, dict[str, float]]:
-    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the stage process."""
+    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the stage process and its CUDA peak MiB
+    (None where the process did not use CUDA)."""
     costs = {}
     for log in sorted(logs.glob("*.log")):
         matches = list(FINISHED.finditer(log.read_text()))  # the last run's line
         if matches:
             match = matches[-1]
-            start, end, wall, rss = (float(g) for g in match.groups())
-            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss}
+            start, end, wall, rss = (float(g) for g in match.groups()[:4])
+            cuda = None if match.group(5) is None else float(match.group(5))
+            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss, "cuda_peak_mib": cuda}
     return costs
 
 

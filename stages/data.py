@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log, params = start(args, "data")
     t0 = time.perf_counter()
-    summary = prepare_dataset(args.out, params["data"], progress=not args.no_progress)
+    summary = prepare_dataset(args.out, params["data"], progress=not args.no_progress,
+                              workers=params["run"]["num_workers"])
     log.info("wrote %s dataset to %s in %.1f s", params["data"]["source"], args.out, time.perf_counter() - t0)
     log.info("summary: %s", summary)
     return 0

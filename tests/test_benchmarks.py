@@ -40,6 +40,9 @@ def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
         log.removeHandler(handler)
     costs = suite.stage_costs(logs)["train_cls"]
     assert costs["wall_s"] > 0 and costs["peak_rss_mib"] > 10
+    assert costs["cuda_peak_mib"] is None  # only a process that used CUDA logs it (tests/gpu checks that one)
+    (logs / "gpu.log").write_text("x INFO finished start=1.0 end=2.0 wall_s=1.0 peak_rss_mib=9 cuda_peak_mib=77\n")
+    assert suite.stage_costs(logs)["gpu"]["cuda_peak_mib"] == 77
     assert costs["end"] - costs["start"] == pytest.approx(costs["wall_s"], abs=0.01)
 
 

@@ -55,6 +55,7 @@ BANK_TOL = 1e-6  # float64 bank entries, measured 2e-14
 NO_SYNC_MIN = 0.30  # without sync_bn, measured 1.24
 STAGE_UPDATE_TOL = 0.25  # float32 train_seg through the stage, measured 0.018 (0.020 between thread counts)
 STAGE_LOSS_TOL = 1e-2  # float32 epoch loss, measured 6.8e-5
+DDP1_TOL = 0.0  # torchrun with 1 process vs the plain run, float32: measured 0 (bit-identical)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,6 +236,30 @@ def test_seg_stage_relaunches_under_torchrun(tiny_params: dict, tiny_data: Path,
     assert lines[0].endswith("INFO started") and "INFO finished" in lines[-1], lines
     assert any("torchrun" in line for line in lines) and any("DDP: 2 processes" in line for line in lines)
     assert sum("epoch 1/1" in line for line in lines) == 1
+
+
+def test_torchrun_with_one_process_runs_ddp_and_trains_what_one_plain_process_does(
+        tiny_params: dict, tiny_data: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 1` joins a one-rank group (gloo here; NCCL on a GPU, tests/gpu) and runs the
+    DDP code: wrapper, bank gather, global means, all at world size 1. Through the stage, against the plain
+    stage run with the same params."""
+    from cpal.core.training import load_checkpoint
+
+    params = copy.deepcopy(tiny_params)
+    params["run"]["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["--params", str(tmp_path / "params.yaml"), "--data", str(tiny_data), "--no-progress"]
+    _run([sys.executable, "-m", "stages.train_cls", *args, "--out", str(tmp_path / "plain"),
+          "--log", str(tmp_path / "plain.log")])
+    _run(torchrun_command(1, ["-m", "stages.train_cls", "--", *args, "--out", str(tmp_path / "ddp"),
+                              "--log", str(tmp_path / "ddp.log")]))
+    assert "DDP: 1 processes (gloo)" in (tmp_path / "ddp.log").read_text()
+    assert "DDP:" not in (tmp_path / "plain.log").read_text()
+    plain = load_checkpoint(tmp_path / "plain" / "model.pt")["model"]
+    ddp = load_checkpoint(tmp_path / "ddp" / "model.pt")["model"]
+    assert int(ddp["cpal.bank.count"].sum()) > 0
+    worst = max(float((plain[k].double() - ddp[k].double()).abs().max()) for k in plain if plain[k].is_floating_point())
+    assert worst <= DDP1_TOL, worst
 
 
 # ----------------------------------------------------------------------------------------------------

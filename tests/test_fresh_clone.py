@@ -60,7 +60,8 @@ def test_nothing_generated_is_committed(clone: Path) -> None:
     assert not committed & {"report.md", "report.csv", "dataset_samples.png", "eval_seeds.json"}
 
 
-@pytest.mark.parametrize("configfile", [None, "configs/tiny.yaml", "configs/voc12.yaml", "configs/coco14.yaml"])
+@pytest.mark.parametrize("configfile", [None, "configs/tiny.yaml", "configs/voc12.yaml", "configs/coco14.yaml",
+                                        "configs/embedded_gpu.yaml"])
 def test_snakemake_plans_every_rule(clone: Path, configfile: str | None) -> None:
     cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "2"]
     if configfile:

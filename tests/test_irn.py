@@ -43,7 +43,7 @@ def _params(**irn: object) -> dict:
         "label_crf": {"gt_prob": 0.7, "iterations": 5, "gaussian_sxy": 3, "gaussian_compat": 3,
                       "bilateral_sxy": 20, "bilateral_srgb": 5, "bilateral_compat": 10},
         "backbone_from": "classifier", "radius": 4, "crop": 32, "batch_size": 2, "epochs": 2, "lr": 0.1,
-        "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "walk_radius": 3, "beta": 10.0,
+        "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "amp": True, "walk_radius": 3, "beta": 10.0,
         "exp_times": 4, "sem_seg_bg_thres": 0.25, "power": 1.0, "flip": True, "walk": "sparse",
     }
     cfg.update(irn)
@@ -341,6 +341,19 @@ def test_affinity_loss_goes_down_on_a_fixed_batch() -> None:
     assert all(p.grad is None for p in net.backbone.parameters())  # frozen
 
 
+def test_affinity_loss_amp_is_ignored_on_the_cpu() -> None:
+    """amp=True on CPU must not fall into CPU autocast (bfloat16): the loss is the float32 one, bit for bit."""
+    torch.manual_seed(0)
+    net = BoundaryNet(build_backbone("resnet18")).train()
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, 2:6, 2:6] = 1
+    index = PathIndex.of(3)
+    full, amp = affinity_loss(net, images, labels, index), affinity_loss(net, images, labels, index, amp=True)
+    for key in full:
+        assert torch.equal(full[key], amp[key]) and amp[key].dtype == torch.float32, key
+
+
 def test_train_irn_checkpoints_keeps_the_backbone_and_resumes(synthetic: dict[str, Path], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from stages import train_irn as stage
@@ -354,6 +367,8 @@ def test_train_irn_checkpoints_keeps_the_backbone_and_resumes(synthetic: dict[st
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["steps"] == 6 and len(metrics["history"]) == 2 and np.isfinite(metrics["final_loss"])
     assert not (full / "resume.pt").exists() and (full / "timing.json").is_file()
+    timing = json.loads((full / "timing.json").read_text())
+    assert timing["amp"] is False and timing["cuda_peak_mib"] is None  # irn.amp on, ignored on CPU
     net = load_boundary_net(full / "model.pt", torch.device("cpu"))
     cls_state = load_checkpoint(synthetic["classifier"])["model"]
     for key, value in net.backbone.state_dict().items():  # frozen: weights and BatchNorm statistics

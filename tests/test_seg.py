@@ -242,6 +242,7 @@ def test_killed_run_resumes_to_the_same_weights(data: Path, pseudo: Path, tmp_pa
     assert np.allclose(weights * counts, (weights * counts)[0], rtol=1e-5)
     timing = json.loads((tmp_path / "full" / "timing.json").read_text())
     assert timing["seconds_per_epoch"] > 0
+    assert timing["amp"] is False and timing["cuda_peak_mib"] is None  # seg.amp on, ignored on CPU
 
 
 def test_iterations_override_epochs_and_resume_ignores_other_settings(data: Path, tmp_path: Path) -> None:

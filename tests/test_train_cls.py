@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_params: dict, tiny_data: Pa
     stopped = train_classifier(params, tiny_data, tmp_path / "resumed", LOG, progress=False, stop_after_epoch=1)
     assert stopped == {"stopped_after_epoch": 1}
     assert (tmp_path / "resumed" / "resume.pt").is_file()
+    # train_cls.amp is on in the tiny preset and ignored on CPU: the grad scaler stays off (empty state)
+    assert load_checkpoint(tmp_path / "resumed" / "resume.pt")["scaler"] == {}
+    timing = json.loads((tmp_path / "full" / "timing.json").read_text())
+    assert timing["device"] == "cpu" and timing["amp"] is False and timing["cuda_peak_mib"] is None
     assert not (tmp_path / "resumed" / "model.pt").exists()
     resumed = train_classifier(params, tiny_data, tmp_path / "resumed", LOG, progress=False)
     a = load_checkpoint(tmp_path / "full" / "model.pt")["model"]
@@ -154,3 +159,17 @@ def test_seeds_written_and_evaluated(tiny_params: dict, tiny_data: Path, trained
         evaluate_seeds(ds, tmp_path / "seeds", thresholds_from(tiny_params["seeds"]), LOG, progress=False)
     with pytest.raises(SeedError, match="but the image is"):
         load_seeds(seed_path(tmp_path / "seeds", ds.ids[0]), expected_size=(5, 5))
+
+
+def test_seeds_amp_is_ignored_on_the_cpu(tiny_params: dict, tiny_data: Path, trained: Path, tmp_path: Path) -> None:
+    """seeds.amp on a CPU device computes in float32: the seed files equal the amp-off ones byte for byte."""
+    ds = VOCDataset(tiny_data, tiny_params["seeds"]["split"])
+    ds.ids = ds.ids[:8]
+    model = load_trained_model(trained, tiny_params, ds, torch.device("cpu"))
+    for amp in (False, True):
+        timing = make_seeds(model, ds, tmp_path / str(amp), dict(tiny_params["seeds"], amp=amp), torch.device("cpu"),
+                            LOG, progress=False)
+        assert timing["amp"] is False and timing["cuda_peak_mib"] is None
+    for image_id in ds.ids:
+        off, on = seed_path(tmp_path / "False", image_id), seed_path(tmp_path / "True", image_id)
+        assert off.read_bytes() == on.read_bytes()

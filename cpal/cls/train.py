@@ -127,7 +127,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train, checkpoint every epoch, write `model.pt` and `metrics.json` into out_dir.
 
-    Under torchrun (WORLD_SIZE > 1; see cpal.core.distributed) every process calls this: DDP over the ranks,
+    Under torchrun (see cpal.core.distributed; with one process too) every process calls this: DDP over the ranks,
     `train_cls.batch_size` the global batch split evenly among them, the support bank gathered across
     ranks, BatchNorm synchronised if `train_cls.sync_bn`; rank 0 alone evaluates and writes files, and
     every rank returns the same metrics. `stop_after_epoch` ends the run early as a kill would (for

@@ -2,10 +2,13 @@
 
 Environment variables, all set by torchrun (`torchrun --nproc_per_node N -m stages.train_cls -- ...`):
   RANK        this process's index, 0..WORLD_SIZE-1 (rank 0 evaluates, logs and writes every file)
-  WORLD_SIZE  number of processes; absent or 1 means a plain single-process run (no process group)
+  WORLD_SIZE  number of processes; absent means a plain single-process run (no process group)
   LOCAL_RANK  index on this machine: the GPU a process uses (cuda:LOCAL_RANK)
   MASTER_ADDR, MASTER_PORT  where the processes meet (torchrun sets them)
-The backend is NCCL on CUDA and gloo on CPU (the CPU path is how the tests run).
+The backend is NCCL on CUDA and gloo on CPU (the CPU path is how the tests run). torchrun with a single
+process (WORLD_SIZE 1, MASTER_ADDR set) joins a one-rank group and runs the same DDP code, so
+`torchrun --nproc_per_node 1` exercises NCCL, the DDP wrapper and the collectives on a one-GPU machine
+(tests/gpu); a plain run never creates a group.
 A stage run as usual (`python -m stages.train_cls ...`, which Snakemake and DVC call) with
 `run.nproc_per_node` N > 1 re-executes itself under `torchrun --standalone --nproc_per_node N`
 (see :func:`relaunch_under_torchrun`); CPAL_TORCHRUN_RELAUNCHED=1 tells the children so. Calling
@@ -82,7 +85,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is in use: several processes, or torchrun with one (see :func:`setup`)."""
+        return self.world_size > 1 or self.group is not None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -112,6 +116,12 @@ class DistContext:
         self.owns_process_group = False
 
 
+def launched_alone() -> bool:
+    """torchrun (or another env:// launcher) started this process as the only rank: WORLD_SIZE 1 with a
+    rendezvous address. Such a run joins a one-rank process group (DDP at world size 1)."""
+    return os.environ.get("WORLD_SIZE") == "1" and bool(os.environ.get("MASTER_ADDR"))
+
+
 def setup(device_name: str) -> DistContext:
     """Join the torchrun job described by the environment, or a single-process context without one.
 
@@ -124,7 +134,7 @@ def setup(device_name: str) -> DistContext:
 
     world = env_world_size()
     device = resolve_device(device_name)
-    if world <= 1:
+    if world <= 1 and not launched_alone():
         return DistContext(device=device)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")

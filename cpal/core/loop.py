@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cpal.core.distributed import DistContext
 from cpal.core.runtime import seed_everything
 from cpal.core.training import (
+    amp_scaler,
     build_optimizer,
     load_resume,
     open_dvclive,
     poly_lambda,
     save_resume,
+    scaled_step,
     set_determinism,
     timing_summary,
     write_training_outputs,
@@ -53,8 +55,8 @@ class ResumableTraining:
                                          weight_decay=cfg["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lambda(total_steps, cfg["poly_power"], warmup_steps))
-        self.use_amp = self.device.type == "cuda" and bool(cfg["amp"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.scaler = amp_scaler(self.device, cfg["amp"])
+        self.use_amp = self.scaler.is_enabled()
         self.stateful = {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                          "scaler": self.scaler}
 
@@ -75,14 +77,7 @@ class ResumableTraining:
 
     def step(self, loss: torch.Tensor, clip_params: Any = None, clip_norm: float = 0.0) -> None:
         """One optimisation step through the grad scaler; the gradient norm clipped when ``clip_norm`` > 0."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(clip_params, clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        scaled_step(self.optimizer, self.scaler, self.scheduler, loss, clip_params, clip_norm)
 
     @property
     def lr(self) -> float:
@@ -114,7 +109,8 @@ class ResumableTraining:
         """model.pt (meta + weights), metrics.json, timing.json (``timing_extra`` added); the resume file goes."""
         if self.live is not None:
             self.live.end()
-        timing = timing_summary(history, self.device, self.ctx.world_size if self.ctx.distributed else 1)
+        timing = timing_summary(history, self.device, self.ctx.world_size if self.ctx.distributed else 1,
+                                amp=self.use_amp)
         timing.update(timing_extra)
         write_training_outputs(self.out_dir, self.ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics,
                                timing, self.resume_path)

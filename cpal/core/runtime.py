@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import platform
 import random
@@ -109,6 +110,23 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def process_pool_context() -> multiprocessing.context.BaseContext:
+    """Start method for worker pools: never plain fork (the parent may hold torch / BLAS threads);
+    forkserver is cheap where it exists."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def cuda_peak_mib() -> float | None:
+    """Peak CUDA memory torch allocated in this process on its current device (MiB); None when this process
+    never initialised CUDA (a CPU run, or a CPU-only stage on a GPU machine). torch is not imported here:
+    stages without a network must not pay for it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -135,17 +153,19 @@ def keep_freed_memory() -> bool:
 
 
 def process_cost() -> str:
-    """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<this process>`.
+    """`start=<epoch> end=<epoch> wall_s=<s> peak_rss_mib=<this process>[ cuda_peak_mib=<MiB>]`.
 
     Children (pool workers) are not counted: a forked child reports its parent's RSS at fork time as
-    its own peak, so RUSAGE_CHILDREN would mostly measure the parent again.
+    its own peak, so RUSAGE_CHILDREN would mostly measure the parent again. `cuda_peak_mib` (torch's
+    peak allocation on the process's GPU) only where the process used CUDA.
     """
     import time
 
     end = time.time()
     start = process_start_epoch()
     span = f"start={start:.3f} end={end:.3f} wall_s={end - start:.3f} " if start is not None else ""
-    return f"{span}peak_rss_mib={peak_rss_mib():.0f}"
+    cuda = cuda_peak_mib()
+    return f"{span}peak_rss_mib={peak_rss_mib():.0f}" + (f" cuda_peak_mib={cuda:.0f}" if cuda is not None else "")
 
 
 class RunLockError(RuntimeError):

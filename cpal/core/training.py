@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cpal.core.io import atomic_path, write_json
+from cpal.core.runtime import cuda_peak_mib
 
 
 class CheckpointError(ValueError):
@@ -90,6 +91,26 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer {name!r} is not one of sgd | adamw")
+
+
+def amp_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """The grad scaler of a training loop: live only under AMP on CUDA (params `amp` is ignored on CPU);
+    ``scaler.is_enabled()`` says whether the loop runs under autocast."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and bool(amp))
+
+
+def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: Any,
+                loss: torch.Tensor, clip_params: Any = None, clip_norm: float = 0.0) -> None:
+    """One optimisation step through the grad scaler (a plain step when it is disabled); the gradient
+    norm clipped when ``clip_norm`` > 0, after unscaling so the threshold means the same under AMP."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(clip_params, clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
 
 
 def rng_state() -> dict[str, Any]:
@@ -183,14 +204,18 @@ def open_dvclive(path: str | os.PathLike[str], resume: bool):
     return Live(dir=str(path), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False)
 
 
-def timing_summary(history: list[dict[str, Any]], device: torch.device, world_size: int = 1) -> dict[str, Any]:
+def timing_summary(history: list[dict[str, Any]], device: torch.device, world_size: int = 1,
+                   amp: bool = False) -> dict[str, Any]:
     """timing.json of a training stage: per-epoch seconds and images/s (kept out of metrics.json, which
-    is byte-identical across runs with the same seed on CPU)."""
+    is byte-identical across runs with the same seed on CPU), whether AMP ran, and torch's peak CUDA
+    allocation (None on CPU) so a GPU run says how much of the card it needed."""
     timing: dict[str, Any] = {
         "device": str(device),
+        "amp": bool(amp),
         "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
         "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
         "epoch_seconds": [h["seconds"] for h in history],
+        "cuda_peak_mib": cuda_peak_mib() if device.type == "cuda" else None,
     }
     if world_size > 1:
         timing["processes"] = world_size

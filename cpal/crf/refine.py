@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cpal.core.io import save_label_png, staged_folder
+from cpal.core.runtime import process_pool_context
 from cpal.crf.dense import dense_crf
 from cpal.data.voc import VOCDataset
 from cpal.seeds.store import MAP_KEYS, load_seeds, seed_path
@@ -120,11 +120,6 @@ def _chunks(ids: list[str], workers: int) -> list[list[str]]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
-def _mp_context() -> mp.context.BaseContext:
-    # Never plain fork: the parent may hold torch / BLAS threads. forkserver is cheap where it exists.
-    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-
-
 def refine_with_crf(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict[str, Any], workers: int,
                     log: logging.Logger, progress: bool = True) -> dict[str, Any]:
     """Refine every id of the split into `out_dir/<id>.png`; returns timing (seconds per image, wall time)."""
@@ -171,7 +166,7 @@ def refine_with_crf(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dic
 def _run_parallel(dataset: VOCDataset, seed_dir: Path, tmp: Path, cfg: dict[str, Any], ids: list[str],
                   workers: int, bar: tqdm) -> list[tuple[str, float, float]]:
     times: list[tuple[str, float, float]] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=process_pool_context()) as pool:
         pending: dict[Future, list[str]] = {
             pool.submit(_refine_chunk, dataset, seed_dir, tmp, cfg, chunk): chunk for chunk in _chunks(ids, workers)
         }

@@ -21,11 +21,15 @@ and `instances.json` (per image: objects with class, variant, bbox, areas; backg
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from cpal.core.io import save_jpeg, save_label_png, write_json, write_text
+from cpal.core.runtime import process_pool_context
 
 EMBEDDED_CLASSES: tuple[str, ...] = ("background", "bird", "boat", "bottle", "car", "cat", "dog")
 
@@ -669,11 +674,33 @@ def _render_image(seed: int, split: str, index: int, c: dict) -> dict:
 # the dataset
 
 
-def generate_embedded(out_dir: Path, cfg: dict, seed: int, progress: bool = True) -> dict:
+def _write_image(tmp: Path, seed: int, split: str, c: dict, index: int) -> tuple[str, dict]:
+    """Render image `index` of `split` and write its JPEG, mask and parts under `tmp`; return (id, meta)."""
+    image_id = f"{split}_{index:06d}"
+    r = _render_image(seed, split, index, c)
+    save_jpeg(tmp / "JPEGImages" / f"{image_id}.jpg", r["image"], quality=int(c["jpeg_quality"]))
+    save_label_png(tmp / "SegmentationClass" / f"{image_id}.png", r["label"])
+    save_label_png(tmp / "Parts" / f"{image_id}.png", r["parts"])
+    return image_id, r["meta"]
+
+
+@contextlib.contextmanager
+def _image_writer(workers: int) -> Iterator[Callable[[Callable, range], Iterator[tuple[str, dict]]]]:
+    """`map` in this process, or over `workers` processes (results in index order either way): every image
+    is drawn from its own (seed, split, index) generator, so the files do not depend on the worker count."""
+    if workers <= 1:
+        yield map
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=process_pool_context()) as pool:
+        yield lambda job, indices: pool.map(job, indices, chunksize=max(1, min(64, len(indices) // (4 * workers))))
+
+
+def generate_embedded(out_dir: Path, cfg: dict, seed: int, progress: bool = True, workers: int = 0) -> dict:
     """Write the embedded dataset in VOC layout to out_dir (replacing it whole); return a summary.
 
     The folder is built beside out_dir under a temporary name and renamed into place at the end, so
-    a killed run never leaves a half dataset that looks complete.
+    a killed run never leaves a half dataset that looks complete. `workers` > 1 draws the images in that
+    many processes (run.num_workers: 320 px images take 36 ms each on one core); the output is the same.
     """
     from tqdm import tqdm
 
@@ -698,17 +725,12 @@ def generate_embedded(out_dir: Path, cfg: dict, seed: int, progress: bool = True
         pet_px = mark_px = 0
         boat_imgs = boat_water = other_imgs = other_water = boat_inst = boat_inst_ctx = 0
         total = int(c["n_train"]) + int(c["n_val"])
-        with tqdm(total=total, desc="embedded", unit="img", disable=not progress) as bar:
+        with tqdm(total=total, desc="embedded", unit="img", disable=not progress) as bar, \
+                _image_writer(workers) as write_all:
             for split in _SPLITS:
                 ids = []
-                for index in range(int(c[f"n_{split}"])):
-                    image_id = f"{split}_{index:06d}"
-                    r = _render_image(seed, split, index, c)
-                    quality = int(c["jpeg_quality"])
-                    save_jpeg(tmp / "JPEGImages" / f"{image_id}.jpg", r["image"], quality=quality)
-                    save_label_png(tmp / "SegmentationClass" / f"{image_id}.png", r["label"])
-                    save_label_png(tmp / "Parts" / f"{image_id}.png", r["parts"])
-                    meta = r["meta"]
+                for image_id, meta in write_all(functools.partial(_write_image, tmp, seed, split, c),
+                                                range(int(c[f"n_{split}"]))):
                     present = sorted({o["class"] for o in meta["objects"]})
                     cls_labels[image_id] = present
                     instances[image_id] = meta

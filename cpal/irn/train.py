@@ -10,7 +10,8 @@ the backbone named by train_cls.backbone). Each batch: random flip and crop (pad
 
 each mean over its own pairs (so the three kinds weigh the same however many pairs each has), with
 a = 1 - max boundary on the pair's path. SGD with momentum and weight decay passed by name, poly
-schedule. Resumable: a checkpoint after every epoch; a rerun with the same settings continues.
+schedule; with `irn.amp` on CUDA the forward runs under autocast with a grad scaler, the loss in float32.
+Resumable: a checkpoint after every epoch; a rerun with the same settings continues.
 """
 
 from __future__ import annotations
@@ -28,18 +29,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cpal.backbone import build_backbone, fuse_batchnorm
-from cpal.core.io import inputs_stamp, load_label_png, write_json
+from cpal.core.io import inputs_stamp, load_label_png
 from cpal.core.runtime import seed_everything
 from cpal.core.training import (
+    amp_scaler,
     build_optimizer,
     channels_last,
     config_fingerprint,
     load_resume,
     poly_lambda,
     resolve_device,
-    save_checkpoint,
     save_resume,
+    scaled_step,
     set_determinism,
+    timing_summary,
+    write_training_outputs,
 )
 from cpal.data.torch_data import random_crop_pad, to_tensor
 from cpal.data.voc import VOCDataset
@@ -49,7 +53,7 @@ from cpal.irn.path_index import PathIndex, boundary_to_affinity, pair_labels
 IGNORE = 255
 EPS = 1e-5
 TRAIN_KEYS = ("backbone_from", "radius", "crop", "batch_size", "epochs", "lr", "momentum", "weight_decay",
-              "poly_power")
+              "poly_power", "amp")
 
 
 class AffinityData(Dataset):
@@ -87,13 +91,19 @@ class AffinityData(Dataset):
 
 
 def affinity_loss(model: BoundaryNet, images: torch.Tensor, grid_labels: torch.Tensor,
-                  index: PathIndex) -> dict[str, torch.Tensor]:
-    """IRN's balanced affinity loss and its three terms for one batch (labels on the boundary grid)."""
-    logits = model(images)
+                  index: PathIndex, amp: bool = False) -> dict[str, torch.Tensor]:
+    """IRN's balanced affinity loss and its three terms for one batch (labels on the boundary grid).
+
+    ``amp``: the network's forward under autocast (float16; CUDA only, ignored on CPU); the boundary map,
+    affinities and logs are float32 whatever the forward ran in: in float16, 1 + EPS rounds to 1, so a
+    saturated boundary (affinity exactly 1) would make -log(1 + EPS - a) infinite.
+    """
+    with torch.autocast(device_type=images.device.type, enabled=amp and images.device.type == "cuda"):
+        logits = model(images)
     if logits.shape[2:] != grid_labels.shape[1:]:
         raise ValueError(f"label grid {tuple(grid_labels.shape[1:])} differs from the boundary grid "
                          f"{tuple(logits.shape[2:])}")
-    aff = boundary_to_affinity(torch.sigmoid(logits[:, 0]), index)
+    aff = boundary_to_affinity(torch.sigmoid(logits[:, 0].float()), index)
     masks = pair_labels(grid_labels, index, IGNORE)
     pos = -torch.log(aff + EPS)
     neg = -torch.log(1.0 + EPS - aff)
@@ -156,13 +166,14 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
                                 cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
+    scaler = amp_scaler(device, cfg["amp"])
     sources = [label_dir / f"{i}.png" for i in dataset.ids] + ([classifier] if classifier else [])
     fingerprint = config_fingerprint({k: cfg[k] for k in TRAIN_KEYS}, run["seed"], dataset.ids,
                                      inputs_stamp(sources), params["train_cls"]["backbone"],
                                      params["train_cls"]["output_stride"])
     meta = irn_meta(model.backbone, cfg["backbone_from"], cfg["radius"])
 
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     state = load_resume(resume_path, fingerprint, stateful, device, log)
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
@@ -177,11 +188,8 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
         bar = tqdm(loader, desc=f"train_irn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
         for images, labels, _ in bar:
             images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            terms = affinity_loss(model, images, labels, index)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            scheduler.step()
+            terms = affinity_loss(model, images, labels, index, amp=scaler.is_enabled())
+            scaled_step(optimizer, scaler, scheduler, terms["loss"])
             n = images.shape[0]
             seen += n
             for key in sums:
@@ -201,14 +209,8 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
     timed = ("seconds", "images_per_s")
     metrics = {"epochs": cfg["epochs"], "steps": total_steps, "final_loss": history[-1]["loss"] if history else None,
                "history": [{k: v for k, v in h.items() if k not in timed} for h in history]}
-    timing = {"device": str(device),
-              "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
-              "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
-              "epoch_seconds": [h["seconds"] for h in history]}
+    timing = timing_summary(history, device, amp=scaler.is_enabled())
     model.backbone = trained_backbone.to(device)
-    save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": model.state_dict()})
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "timing.json", timing)
-    resume_path.unlink(missing_ok=True)
+    write_training_outputs(out_dir, True, {"meta": meta, "model": model.state_dict()}, metrics, timing, resume_path)
     return metrics
 

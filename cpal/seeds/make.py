@@ -4,7 +4,8 @@ Images of equal size are batched; each scale's raw maps are upsampled to full re
 back, summed over scales and flips, then each image-label class is divided by its maximum (IRN and
 SIPE practice). PACAM uses the support bank stored in the checkpoint. Alignment (DESIGN 5.7) is off
 at seed time by default: with one instance of a class in a batch, the aligned anchor equals the bank
-mean and retrieval would ignore the image.
+mean and retrieval would ignore the image. `seeds.amp` runs the forwards under float16 autocast on
+CUDA (ignored on CPU).
 
 Kill-safe and resumable like the IRN stages (cpal/irn/__init__.py): files go to a hidden sibling
 `.<out>.partial` that replaces `out_dir` only when every id is written, so a killed run never leaves a
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from cpal.backbone import for_inference
 from cpal.cls.network import CAMNet
 from cpal.core.io import inputs_stamp, partial_folder, publish_folder
+from cpal.core.runtime import cuda_peak_mib
 from cpal.core.training import config_fingerprint
 from cpal.data.torch_data import image_batch
 from cpal.data.voc import VOCDataset
@@ -45,19 +47,22 @@ def seed_views(x: torch.Tensor, flip: bool) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 def multiscale_maps(model: CAMNet, images: torch.Tensor, labels: torch.Tensor, scales: list[float],
-                    flip: bool, align: bool = False, context: bool | None = None
+                    flip: bool, align: bool = False, context: bool | None = None, amp: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed raw CAM (B, N, H, W) and PACAM (B, N+1, H, W; background first) at the input resolution.
 
     `context` None: the method's own choice (the bank for cpal); False: instance prototypes only.
+    `amp`: the forwards under autocast (float16) on CUDA, ignored on CPU; upsampling and sums stay float32.
     """
+    use_amp = amp and images.device.type == "cuda"
     size = images.shape[2:]
     cam_sum, pacam_sum = None, None
     for scale in scales:
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                       align_corners=False, recompute_scale_factor=False)
         for v, view in enumerate(seed_views(x, flip)):
-            cam, pacam = model.infer(view, labels, align=align, context=context)
+            with torch.autocast(device_type=images.device.type, enabled=use_amp):
+                cam, pacam = model.infer(view, labels, align=align, context=context)
             maps = [cam] if pacam is None else [cam, pacam]
             maps = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
             if v == 1:
@@ -118,7 +123,8 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     for ids in todo:
         images = image_batch((dataset.image(i) for i in ids), device)
         labels = torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])).to(device)
-        cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context)
+        cam, pacam = multiscale_maps(model, images, labels, cfg["scales"], cfg["flip"], context=context,
+                                     amp=cfg["amp"])
         for b, image_id in enumerate(ids):
             keys = dataset.labels(image_id)
             maps = seed_maps(cam[b], None if pacam is None else pacam[b], keys)
@@ -131,4 +137,5 @@ def make_seeds(model: CAMNet, dataset: VOCDataset, out_dir: Path, cfg: dict[str,
     log.info("wrote seeds for %d images in %.1f s (%.1f images/s)%s", done, seconds, done / max(seconds, 1e-9),
              f"; {kept} kept from a killed run" if kept else "")
     return {"images": done, "resumed_images": kept, "seconds": seconds,
-            "images_per_s": done / max(seconds, 1e-9)}
+            "images_per_s": done / max(seconds, 1e-9), "amp": bool(cfg["amp"]) and device.type == "cuda",
+            "cuda_peak_mib": cuda_peak_mib() if device.type == "cuda" else None}

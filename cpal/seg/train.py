@@ -104,7 +104,7 @@ def train_segmenter(
 
     `labels_dir` None trains on ground truth (upper bound). `seg.iterations`, when set, overrides
     `seg.epochs`: training stops after that many steps, the poly schedule spanning them.
-    Under torchrun (WORLD_SIZE > 1; see cpal.core.distributed) every process calls this: DDP, `seg.batch_size`
+    Under torchrun (see cpal.core.distributed; with one process too) every process calls this: DDP, `seg.batch_size`
     the global batch split evenly, the loss normalised by the global batch's labelled pixels, BatchNorm
     synchronised if `seg.sync_bn`; rank 0 alone writes files; every rank returns the same metrics.
     `stop_after_epoch` ends the run early as a kill would (for tests of resumption).
