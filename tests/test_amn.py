@@ -240,6 +240,45 @@ def test_amn_seed_protocol_on_a_tiny_example() -> None:
     assert labels_from_maps(maps, np.array([2]), 0.25).tolist() == [[0, 0, 2], [2, 2, 2]]
 
 
+def test_maps_with_dropout_kept_reproduce_and_a_killed_run_resumes_to_the_same_files(
+        synthetic: dict[str, Path], trained: Path, tiny_params: dict, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpal.amn import seeds as amn_seeds
+    from cpal.data.voc import VOCDataset
+
+    ds = VOCDataset(synthetic["data"], "train")
+    quirk = _params(tiny_params, keep_dropout_at_inference=True, scales=[1.0], flip=False)
+    plain = _params(tiny_params, scales=[1.0], flip=False)
+
+    def run(out: Path, params: dict = quirk) -> dict:
+        model, _ = load_amn(trained / "model.pt", params, CLASSES, CPU)
+        return amn_seeds.make_amn_seeds(model, ds, synthetic["ir"], out, params["amn"], 2, CPU, LOG, progress=False)
+
+    run(tmp_path / "a")
+    run(tmp_path / "b")
+    run(tmp_path / "plain", plain)
+    ids = ds.ids
+    assert all(seed_path(tmp_path / "a", i).read_bytes() == seed_path(tmp_path / "b", i).read_bytes() for i in ids)
+    assert any(not np.array_equal(load_seeds(seed_path(tmp_path / "a", i))["cam"],
+                                  load_seeds(seed_path(tmp_path / "plain", i))["cam"]) for i in ids)  # dropout was on
+    calls = {"n": 0}
+    save = amn_seeds.save_seeds
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the second batch of two
+            raise RuntimeError("killed")
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(amn_seeds, "save_seeds", dying_save)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path / "killed")
+    assert not (tmp_path / "killed").exists()
+    monkeypatch.setattr(amn_seeds, "save_seeds", save)
+    assert run(tmp_path / "killed")["resumed_images"] == 2
+    assert all(seed_path(tmp_path / "killed", i).read_bytes() == seed_path(tmp_path / "a", i).read_bytes() for i in ids)
+
+
 # -- params -------------------------------------------------------------------------------------------
 
 def test_schema_names_the_allowed_plugins_and_backbones(default_params: dict) -> None:
