@@ -28,13 +28,7 @@ LOG = logging.getLogger("test_irn")
 
 # -- fixtures ------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and spinning OpenMP threads on a busy 2-core box cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(**irn: object) -> dict:
