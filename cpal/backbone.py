@@ -1,4 +1,5 @@
-"""One backbone factory for every network of the pipeline (DESIGN section 5.1).
+"""One backbone factory for every network of the pipeline (DESIGN section 5.1), and the DeepLab-v2 ASPP head
+that DeepLab and AMN both put on it.
 
 Every backbone exposes four stages (strides 4, 8, 16 and 16 or 8) and their widths, so the CAM
 classifier, IRN and DeepLab build on any of them alike. ResNets come from torchvision; EfficientNet-
@@ -9,6 +10,7 @@ so the embedded default runs pretrained with no network access (DESIGN section 1
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -23,6 +25,7 @@ RESNETS = ("resnet18", "resnet50", "resnet101")
 EFFICIENTNETS = ("efficientnet_lite0",)
 BACKBONES = RESNETS + EFFICIENTNETS
 OUTPUT_STRIDES = (8, 16)
+V2_RATES = (6, 12, 18, 24)  # DeepLab-v2's ASPP dilations (deeplab-pytorch, AMN)
 
 
 class Backbone(nn.Module):
@@ -210,6 +213,25 @@ def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16)
     if name in EFFICIENTNETS:
         return _efficientnet_lite0(pretrained, output_stride)
     raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")
+
+
+class ASPPv2(nn.Module):
+    """DeepLab-v2 head: four parallel 3x3 dilated convolutions straight to class scores, summed.
+
+    Shared by DeepLab (`seg.head: v2`) and AMN, whose classifier is this head.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = V2_RATES) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.branches:  # deeplab-pytorch's initialisation of the classifier
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(dim=0)
 
 
 class _AfterNorm(nn.Module):

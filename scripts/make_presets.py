@@ -37,6 +37,9 @@ VOC12 = {
             "train_split": "train_aug", "val_split": "val", "scales": [1.0, 0.75, 0.5], "flip": False},
     "irn": {"fg_threshold": 0.30, "bg_threshold": 0.05, "backbone_from": "imagenet", "radius": 10, "crop": 512,
             "batch_size": 32, "epochs": 3, "walk_radius": 5, "exp_times": 8, "sem_seg_bg_thres": 0.25},
+    # AMN's own settings (github gaviotas/AMN), its dropout-at-inference quirk included; L_self weighted as SIPE's
+    "amn": {"backbone": "resnet50", "crop_size": 512, "keep_dropout_at_inference": True, "lambda_self": 1.0,
+            "scales": [1.0, 0.5, 1.5, 2.0]},
     "run": {"device": "auto", "num_workers": 8, "torch_threads": 0},
 }
 COCO14 = {

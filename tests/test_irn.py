@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rectangles import rectangles_dataset
 
 from cpal.backbone import build_backbone
-from cpal.core.io import load_label_png, save_jpeg, save_label_png
+from cpal.core.io import load_label_png
 from cpal.core.training import load_checkpoint, save_checkpoint
 from cpal.irn import labels as irn_labels
 from cpal.irn.model import BoundaryNet, grid_size, irn_meta, load_boundary_net
@@ -23,18 +24,11 @@ from cpal.irn.train import affinity_loss, train_irn
 from cpal.seeds.store import save_seeds, seed_path
 
 LOG = logging.getLogger("test_irn")
-CLASSES = ["background", "red", "blue"]
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is fastest, and spinning OpenMP threads on a busy 2-core box cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(**irn: object) -> dict:
@@ -57,30 +51,11 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Six 38x42 images with one or two coloured rectangles, masks, labels, and seeds (smoothed masks)."""
     root = tmp_path_factory.mktemp("irn")
     data, seeds = root / "data", root / "seeds"
-    rng = np.random.default_rng(0)
-    ids, table = [], {}
-    h, w = 38, 42
-    for n in range(6):
-        image_id = f"img_{n}"
-        image = rng.integers(90, 140, size=(h, w, 3)).astype(np.uint8)
-        mask = np.zeros((h, w), np.uint8)
-        present = [1] if n % 3 == 0 else [2] if n % 3 == 1 else [1, 2]
-        for k, cls in enumerate(present):
-            top, left = 4 + 14 * k, 5 + 16 * k
-            mask[top:top + 14, left:left + 16] = cls
-            image[top:top + 14, left:left + 16] = (220, 30, 30) if cls == 1 else (30, 30, 220)
-        save_jpeg(data / "JPEGImages" / f"{image_id}.jpg", image)
-        save_label_png(data / "SegmentationClass" / f"{image_id}.png", mask)
+    h = 38
+    for image_id, (mask, present) in rectangles_dataset(data, "irn-test", (h, 42)).items():
         maps = np.stack([(mask == c).astype(np.float32) for c in present])
         maps[:, : h // 2] *= 0.6  # weaker upper half, as CAMs are uneven
-        save_seeds(seed_path(seeds, image_id), np.array(present), (h, w), {"cam": maps})
-        ids.append(image_id)
-        table[image_id] = present
-    (data / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (data / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
-    (data / "cls_labels.json").write_text(json.dumps(table))
-    (data / "dataset.json").write_text(json.dumps({"name": "irn-test", "source": "test", "classes": CLASSES,
-                                                   "ignore_index": 255, "splits": {"train": 6}}))
+        save_seeds(seed_path(seeds, image_id), np.array(present), mask.shape, {"cam": maps})
     torch.manual_seed(0)
     from cpal.cls.network import CAMNet
 

@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CPAL = ROOT / "cpal"
 # Lowest first: a unit may import itself and the units before it, never one after it.
-LAYERS = ["core", "data", "backbone", "plugin", "cls", "seeds", "crf", "irn", "pseudo", "seg", "report"]
+LAYERS = ["core", "data", "backbone", "plugin", "cls", "seeds", "crf", "irn", "amn", "pseudo", "seg", "report"]
 
 
 def module_file(name: str) -> Path | None:

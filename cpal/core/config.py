@@ -92,7 +92,8 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
         )
     for key, value in (("data.embedded.object_scale", emb.get("object_scale")),
                        ("train_cls.scale_range", params.get("train_cls", {}).get("scale_range")),
-                       ("seg.scale_range", params.get("seg", {}).get("scale_range"))):
+                       ("seg.scale_range", params.get("seg", {}).get("scale_range")),
+                       ("amn.scale_range", params.get("amn", {}).get("scale_range"))):
         if isinstance(value, list) and len(value) == 2 and value[0] > value[1]:
             problems.append(f"{key} = {value!r} is invalid: low must not exceed high")
     method = params.get("params", {}).get("method")

@@ -85,12 +85,17 @@ def poly_lambda(max_iters: int, power: float = 0.9, warmup_iters: int = 0):
 def build_optimizer(
     groups: list[dict[str, Any]], name: str, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """SGD or AdamW with every hyper-parameter passed by keyword (IRN passed weight decay as momentum)."""
+    """SGD, AdamW or Adam with every hyper-parameter passed by keyword (IRN passed weight decay as momentum).
+
+    Adam (AMN's optimiser) adds the weight decay to the gradient (L2), AdamW decouples it.
+    """
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer {name!r} is not one of sgd | adamw")
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer {name!r} is not one of sgd | adamw | adam")
 
 
 def amp_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
@@ -144,6 +149,16 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
     would rerun everything downstream of an unchanged model)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(state, fh)
+
+
+def check_meta_keys(meta: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike[str],
+                    stage: str) -> None:
+    """A checkpoint whose meta differs from ``expected`` in any key is refused, naming the key, both values
+    and the stage to rerun."""
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise CheckpointError(f"{path} was trained with {key} = {meta.get(key)!r}, but the current settings need "
+                                  f"{key} = {value!r}; retrain (rerun {stage}) or change params")
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

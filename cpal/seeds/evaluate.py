@@ -3,7 +3,8 @@
 Prototype maps peak high (DESIGN section 11: the best prototype threshold sat at 0.9), so the sweep
 reaches 0.95 by default. The sweep picks its threshold with ground truth, which flatters every map; so
 for prototype maps the protocol SIPE reports is also given, as `pacam_argmax`: the argmax over the
-map's own background channel and the classes, no threshold. Evaluation only, never model selection.
+map's own background channel and the classes, no threshold. A host with a fixed threshold of its own (AMN:
+0.25) gets it reported beside the sweep as `<map>_fixed`. Evaluation only, never model selection.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ def thresholds_from(cfg: dict[str, Any]) -> np.ndarray:
 
 
 def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, log: logging.Logger,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, fixed_threshold: float | None = None) -> dict[str, Any]:
     """Per map kind: mIoU for each threshold, the best threshold and its per-class scores; for prototype
-    maps with a background channel also `pacam_argmax` (SIPE's protocol, no threshold)."""
+    maps with a background channel also `pacam_argmax` (SIPE's protocol, no threshold); with
+    ``fixed_threshold`` also `<kind>_fixed`, the scores at that one threshold (a host's own protocol)."""
     if not dataset.has_masks():
         raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks to evaluate seeds")
     check_complete(seed_dir, dataset.ids)
     n = dataset.num_classes
     matrices: dict[str, list[ConfusionMatrix]] = {}
+    fixed: dict[str, ConfusionMatrix] = {}
     argmax_cm: ConfusionMatrix | None = None
     for image_id in tqdm(dataset.ids, desc="eval_seeds", disable=not progress):
         gt = dataset.mask(image_id)
@@ -50,6 +53,8 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
                 peak, best = np.zeros(gt.shape, np.float32), np.zeros(gt.shape, np.int64)
             for cm, t in zip(cms, thresholds, strict=True):
                 cm.update(np.where(peak >= t, best, 0), gt)
+            if fixed_threshold is not None:
+                fixed.setdefault(kind, ConfusionMatrix(n)).update(np.where(peak >= fixed_threshold, best, 0), gt)
         if "pacam" in seeds and BACKGROUND_KEY in seeds:
             argmax_cm = argmax_cm or ConfusionMatrix(n)
             argmax_cm.update(labels_with_background(seeds["pacam"], seeds[BACKGROUND_KEY], keys), gt)
@@ -67,6 +72,15 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
             "per_class_recall": {k: v["recall"] for k, v in scores["per_class"].items()},
         }
         log.info("%s seeds: mIoU %.4f at background threshold %.2f", kind, scores["miou"], thresholds[best])
+    for kind, cm in fixed.items():
+        scores = cm.scores(dataset.classes)
+        results[f"{kind}_fixed"] = {
+            "miou": scores["miou"],
+            "threshold": float(fixed_threshold),
+            "protocol": "background where every class map is below one fixed threshold, not picked with ground truth",
+            "per_class_iou": {k: v["iou"] for k, v in scores["per_class"].items()},
+        }
+        log.info("%s seeds at the fixed background threshold %.2f: mIoU %.4f", kind, fixed_threshold, scores["miou"])
     if argmax_cm is not None:
         scores = argmax_cm.scores(dataset.classes)
         results["pacam_argmax"] = {

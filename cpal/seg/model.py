@@ -17,28 +17,11 @@ from torch import nn
 from torchvision.models import ResNet50_Weights, ResNet101_Weights, segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from cpal.backbone import build_backbone
+from cpal.backbone import ASPPv2, build_backbone
 
 SEG_BACKBONES = ("resnet18", "efficientnet_lite0", "resnet50", "resnet101")
 SEG_HEADS = ("v3", "v2")
 SEG_INITS = ("none", "imagenet")
-V2_RATES = (6, 12, 18, 24)
-
-
-class ASPPv2(nn.Module):
-    """DeepLab-v2 head: four parallel 3x3 dilated convolutions straight to class scores, summed."""
-
-    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = V2_RATES) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
-        )
-        for conv in self.branches:  # deeplab-pytorch's initialisation of the classifier
-            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([branch(x) for branch in self.branches]).sum(dim=0)
 
 
 class Segmenter(nn.Module):
