@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpal import report
+from cpal.report import summary as report
 
 
 def test_terminal_table_shows_each_stage_in_percent(tmp_path: Path) -> None:
