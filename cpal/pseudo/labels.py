@@ -2,7 +2,8 @@
 
 Sources (`cfg['source']`):
 - `seeds`: the seed label map of `cfg['map']` (cam | pacam) with background where every foreground map
-  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seeds.store.labels_from_maps`). Optional
+  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seeds.store.labels_from_maps`); `auto`: Otsu's
+  split of the seeds' own top-score histogram (cpal/seeds/thresholds.py, no ground truth). Optional
   uncertainty band: pixels whose top foreground score lies in [`ignore_low`, `ignore_high`) become 255
   (ignored by the segmentation loss); the band is off when `ignore_high <= ignore_low`. A band around
   `bg_threshold` drops the pixels whose background / foreground call is least sure.
@@ -26,6 +27,7 @@ from cpal.core.metrics import ConfusionMatrix
 from cpal.crf.refine import staged_dir
 from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
 from cpal.seeds.store import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
+from cpal.seeds.thresholds import resolve_threshold
 
 SOURCES = ("seeds", "crf", "irn")
 
@@ -65,8 +67,15 @@ def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: 
     inputs = Path(inputs)
     if not inputs.is_dir():
         raise PseudoLabelError(f"pseudo-label input folder not found: {inputs} (source {source!r})")
+    derived = None
     if source == "seeds":
         check_complete(inputs, dataset.ids)
+        if cfg["map"] not in MAP_KEYS:
+            raise ValueError(f"pseudo.map = {cfg['map']!r} is invalid; allowed: {MAP_KEYS}")
+        cfg, derived = resolve_threshold(cfg, "bg_threshold", inputs, dataset.ids, cfg["map"])
+        if derived:
+            log.info("pseudo-mask background threshold %.4f from the seeds' own score histogram (Otsu, no ground "
+                     "truth): %s", cfg["bg_threshold"], derived)
     ignored = total = 0
     with staged_dir(out_dir, log) as tmp:
         for image_id in tqdm(dataset.ids, desc=f"pseudo_labels ({source})", disable=not progress):
@@ -79,7 +88,8 @@ def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: 
             ignored += int((label == IGNORE_INDEX).sum())
             total += label.size
             save_label_png(tmp / f"{image_id}.png", label)
-    summary = {"source": source, "images": len(dataset), "ignored_fraction": ignored / total if total else 0.0}
+    summary = {"source": source, "images": len(dataset), "ignored_fraction": ignored / total if total else 0.0,
+               "bg_threshold": cfg["bg_threshold"] if source == "seeds" else None, "bg_threshold_derived": derived}
     log.info("pseudo_labels: %d masks from %s, %.2f%% of pixels ignored", len(dataset), source,
              100 * summary["ignored_fraction"])
     return summary
