@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     dataset = VOCDataset(args.data, params["seeds"]["split"])
     device = resolve_device(params["run"]["device"])
     model, _ = load_segmenter(Path(args.seg), seg_cfg, dataset.classes, device)
-    thresholds = {kind: r["best_threshold"] for kind, r in _seed_results(Path(args.results)).items()}
+    # the sweep's best threshold where there is ground truth, the one derived without it (Otsu) where there is none
+    thresholds = {kind: r.get("best_threshold", r.get("otsu_threshold", 0.5))
+                  for kind, r in _seed_results(Path(args.results)).items()}
+    truth = dataset.has_ground_truth()
     panels = []
     for image_id in dataset.ids[:args.grid]:
         image = dataset.image(image_id)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 else np.zeros(image.shape[:2], np.uint8) for k in ("cam", "pacam")]
         with torch.no_grad():
             pred = predict_probs(model, image, seg_cfg["scales"], seg_cfg["flip"], device).argmax(0).numpy()
-        panels.append((image_id, [image, dataset.mask(image_id), *maps,
+        panels.append((image_id, [image, dataset.mask(image_id) if truth else None, *maps,
                                   load_label_png(Path(args.pseudo) / f"{image_id}.png"), pred.astype(np.uint8)]))
     plot_grid(panels, ["image", "ground truth", "CAM seed", "PACAM seed", "pseudo-mask", "DeepLab"],
               out.with_name(out.stem + "_grid.png"), footer)

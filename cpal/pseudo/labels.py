@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cpal.core.io import save_label_png
 from cpal.core.metrics import ConfusionMatrix
 from cpal.crf.refine import staged_dir
-from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
+from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset, no_ground_truth
 from cpal.seeds.store import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
 from cpal.seeds.thresholds import resolve_threshold
 
@@ -101,28 +101,33 @@ def evaluate_pseudo_labels(dataset: VOCDataset, folder: Path, progress: bool = F
     `miou` is the protocol number (DESIGN section 7: abstaining cannot raise it); `miou_confident`
     excludes pixels the pseudo-mask ignores, i.e. the precision side of the coverage trade-off;
     `ignored_fraction` is the share of all pixels set to 255, `ignored_fraction_labelled` the share
-    of ground-truth-labelled pixels.
+    of ground-truth-labelled pixels. A split without masks gets no score (`ground_truth: false`), only
+    the ignored share.
     """
-    if not dataset.has_masks():
-        raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks")
     folder = Path(folder)
+    with_truth = dataset.has_ground_truth()
     n = dataset.num_classes
     cm, cm_confident = ConfusionMatrix(n), ConfusionMatrix(n)
     ignored = total = ignored_labelled = labelled = 0
     for image_id in tqdm(dataset.ids, desc="eval_pseudo", disable=not progress):
-        gt = dataset.mask(image_id)
+        gt = dataset.mask(image_id) if with_truth else None
         pred = _from_png(dataset, folder, image_id)
-        cm.update(pred, gt)
         unsure = pred == IGNORE_INDEX
-        cm_confident.update(pred, np.where(unsure, IGNORE_INDEX, gt))
-        valid = gt != IGNORE_INDEX
         ignored += int(unsure.sum())
         total += pred.size
+        if gt is None:
+            continue
+        cm.update(pred, gt)
+        cm_confident.update(pred, np.where(unsure, IGNORE_INDEX, gt))
+        valid = gt != IGNORE_INDEX
         ignored_labelled += int((unsure & valid).sum())
         labelled += int(valid.sum())
+    if not with_truth:
+        return no_ground_truth(dataset, miou_confident=None, ignored_fraction=ignored / total if total else 0.0)
     scores = cm.scores(dataset.classes)
     confident = cm_confident.scores(dataset.classes)
     return {
+        "ground_truth": True,
         "split": dataset.split,
         "images": len(dataset),
         "miou": scores["miou"],

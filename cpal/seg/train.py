@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cpal.core import distributed
+from cpal.core.io import write_json
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint
+from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint, save_checkpoint
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
@@ -61,12 +62,40 @@ def check_seg_meta(meta: dict[str, Any], cfg: dict[str, Any], classes: list[str]
             )
 
 
+class TrainingSkipped(RuntimeError):
+    """The checkpoint records that training was skipped (the upper bound without masks); str() says why."""
+
+
+def skip_without_ground_truth(params: dict[str, Any], data_dir: Path, out_dir: Path, log: logging.Logger) -> bool:
+    """Upper bound (`--ground-truth`) on a training split without masks: record why, in place of a model.
+
+    model.pt then holds only the meta with `skipped` (load_segmenter raises TrainingSkipped, so eval_seg_full
+    records the reason), metrics.json and timing.json say the same. The same command does this under
+    Snakemake and DVC, so both engines leave the same files. Returns whether it skipped.
+    """
+    cfg = seg_config(params)
+    train_set = VOCDataset(data_dir, cfg["train_split"])
+    if train_set.has_ground_truth():
+        return False
+    reason = (f"upper bound not trained: split {cfg['train_split']!r} of {data_dir} has no ground-truth masks "
+              "(the fully supervised model needs them)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / "model.pt", {"meta": {**seg_meta(cfg, train_set.classes, "ground_truth"),
+                                                    "skipped": reason}})
+    write_json(out_dir / "metrics.json", {"skipped": reason, "labels": "ground_truth", "steps": 0})
+    write_json(out_dir / "timing.json", {"skipped": reason})
+    log.warning("%s", reason)
+    return True
+
+
 def load_segmenter(
     path: Path, cfg: dict[str, Any], classes: list[str], device: torch.device
 ) -> tuple[Segmenter, dict[str, Any]]:
     """(model in eval mode, checkpoint meta) of a train_seg checkpoint, checked against params and classes."""
     ckpt = load_checkpoint(path, map_location="cpu")
     meta = ckpt.get("meta", {})
+    if meta.get("skipped"):
+        raise TrainingSkipped(meta["skipped"])
     check_seg_meta(meta, cfg, classes, path)
     model = build_segmenter({**cfg, "init": "none"}, len(classes))  # weights come from the file: no download
     model.load_state_dict(ckpt["model"])
