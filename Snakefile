@@ -13,6 +13,7 @@ from snakemake.utils import validate  # noqa: E402
 
 from cpal.core.config import validate_params, write_resolved_params  # noqa: E402
 from cpal.core.runtime import hold_run_lock  # noqa: E402
+from cpal.data.sources import check_source  # noqa: E402
 
 
 configfile: "params.yaml"
@@ -25,6 +26,11 @@ report: "report/workflow.rst"
 
 validate(config, "cpal/params.schema.json")
 validate_params(config, source="Snakemake config (params.yaml + overrides)")
+
+# data.source folder: the photo folder, tags CSV and masks are checked now, before any job (an error names the
+# CSV line and the file); their fingerprint is a param of rule data, so editing them reruns it. DVC cannot
+# see them: after editing your folder or CSV run `dvc repro -f data` there.
+SOURCE_STATE = check_source(config["data"])
 
 # Stages read their params from a file: the merged config (params.yaml plus any --config/--configfile
 # overrides) is written here, rewritten only when its content changes, so every stage sees exactly what
@@ -58,6 +64,7 @@ rule data:
         params_file=PARAMS,
         data=config["data"],
         run=config["run"],
+        source_state=SOURCE_STATE,
     log:
         "outputs/logs/data.log",
     threads: 1

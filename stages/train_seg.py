@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cpal.core.distributed import relaunch_under_torchrun, stage_argv
-from cpal.seg.train import train_segmenter
+from cpal.seg.train import skip_without_ground_truth, train_segmenter
 from stages.common import parser, start
 
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if "seg" not in params:
         log.error("%s has no section 'seg' (DeepLab settings)", args.params)
         raise SystemExit(2)
+    if args.ground_truth and skip_without_ground_truth(params, Path(args.data), Path(args.out), log):
+        return 0
     rc = relaunch_under_torchrun("stages.train_seg", own,
                                  params["run"].get("nproc_per_node", 1), log, replace=argv is None)
     if rc is not None:

@@ -18,7 +18,7 @@ def _error(params: dict) -> str:
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/voc12.yaml", "configs/coco14.yaml",
-                                  "configs/embedded_gpu.yaml"])
+                                  "configs/embedded_gpu.yaml", "configs/folder_example.yaml"])
 def test_shipped_params_files_are_valid(name: str) -> None:
     load_params(ROOT / name)
 
@@ -129,7 +129,7 @@ def test_write_resolved_params(tmp_path: Path, default_params: dict) -> None:
 
 
 def test_presets_are_up_to_date() -> None:
-    """configs/voc12.yaml, coco14.yaml and embedded_gpu.yaml are derived from params.yaml (make_presets.py)."""
+    """The presets in configs/ (all but tiny.yaml) are derived from params.yaml (scripts/make_presets.py)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_presets", ROOT / "scripts" / "make_presets.py")

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from folder_workspace import export_folder
 from pipeline_workspace import tiny_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +128,92 @@ def test_snakemake_override_reaches_the_stages(snakemake_run: Path, tmp_path: Pa
     assert "K: 2" in written
     # only the stages that read the changed section rerun
     assert "rule train_cls" in res.stdout and "rule data:" not in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Your own data (data.source: folder)
+
+
+def _my_config(ws: Path, folder: dict) -> Path:
+    """What README's "Your own data" has a user write: configs/folder_example.yaml's data section with their
+    paths and classes, and its thresholds (merged over the workspace's tiny params.yaml by --configfile)."""
+    example = yaml.safe_load((ws / "configs" / "folder_example.yaml").read_text())
+    data = {**example["data"], "folder": {**example["data"]["folder"],
+                                          **{k: folder[k] for k in ("images", "labels", "classes", "masks")}}}
+    override = {"data": data, "crf": {"bg_threshold": example["crf"]["bg_threshold"]},
+                "pseudo": {"bg_threshold": example["pseudo"]["bg_threshold"]}}
+    path = ws / "my.yaml"
+    path.write_text(yaml.safe_dump(override, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def own_photos_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A new user's run: nested albums, odd names, mixed modes, a tags CSV without split column, no masks."""
+    base = tmp_path_factory.mktemp("own")
+    ws = tiny_workspace(base / "ws")
+    folder = export_folder(tiny_data, base / "user", mixed=True, masks=False, split_column=False)
+    unlisted = (tiny_data / "JPEGImages" / "val_000000.jpg").read_bytes()
+    (Path(folder["images"]) / "not in the CSV.jpg").write_bytes(unlisted)
+    _run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(_my_config(ws, folder))], ws)
+    return ws
+
+
+def test_own_photos_without_masks_run_to_a_trained_deeplab(own_photos_run: Path) -> None:
+    ws = own_photos_run
+    meta = json.loads((ws / "data" / "folder" / "dataset.json").read_text())
+    assert meta["ground_truth"] == {"train": False, "val": False} and meta["resized"] == 1
+    assert "1 image(s) in" in (ws / "outputs" / "logs" / "data.log").read_text()  # the unlisted photo, warned
+    ids = (ws / "data" / "folder" / "image_ids.csv").read_text()
+    assert "Ünïcödé Album/фото/IMG 0000, train_000000 ü.png" in ids  # every id traces back to the user's file
+    seg = json.loads((ws / "outputs" / "seg" / "metrics.json").read_text())
+    assert seg["steps"] > 0 and (ws / "outputs" / "seg" / "model.pt").stat().st_size > 1_000_000
+    for name in ("eval_seeds", "eval_crf", "eval_irn", "eval_pseudo", "eval_seg", "eval_seg_full"):
+        result = json.loads((ws / "results" / f"{name}.json").read_text())
+        assert result["ground_truth"] is False and result["miou"] is None, name
+    seeds = json.loads((ws / "results" / "eval_seeds.json").read_text())
+    crf_log = (ws / "outputs" / "logs" / "refine_crf.log").read_text()
+    assert f"crf background plane {seeds['pacam']['otsu_threshold']:.4f}" in crf_log  # derived, no ground truth
+    skipped = json.loads((ws / "results" / "eval_seg_full.json").read_text())["skipped"]
+    assert "upper bound not trained" in skipped
+    report = (ws / "results" / "report.md").read_text()
+    assert "| DeepLab | val | no ground truth |" in report and "| upper bound | val | skipped |" in report
+    assert "**No ground truth.**" in report and (ws / "results" / "report_grid.png").stat().st_size > 0
+
+
+def test_dvc_skips_the_upper_bound_the_same_way(own_photos_run: Path) -> None:
+    """Both engines run the same command, so DVC records the same skip (params.yaml = what Snakemake ran)."""
+    ws = own_photos_run
+    written = {p: (ws / p).read_bytes() for p in ("outputs/seg_full/metrics.json", "results/eval_seg_full.json")}
+    (ws / "params.yaml").write_text((ws / "outputs" / "params.snakemake.yaml").read_text())
+    for p in written:
+        (ws / p).unlink()
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "train_seg_full"], ws)
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "eval_seg_full"], ws)
+    for p, before in written.items():
+        assert (ws / p).read_bytes() == before, p
+
+
+@pytest.fixture(scope="module")
+def folder_with_masks_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """The tiny embedded dataset exported as a photo folder + CSV + masks, run to the pseudo-masks."""
+    base = tmp_path_factory.mktemp("folder_gt")
+    ws = tiny_workspace(base / "ws")
+    folder = export_folder(tiny_data, base / "user", mixed=False, masks=True, split_column=True)
+    override = {"data": {"source": "folder", "dir": "data/folder",
+                         "folder": {k: folder[k] for k in ("images", "labels", "classes", "masks")}}}
+    (ws / "my.yaml").write_text(yaml.safe_dump(override, allow_unicode=True))
+    _run([sys.executable, "-m", "snakemake", "--cores", "2", "results/eval_seeds.json", "results/eval_crf.json",
+          "results/eval_pseudo.json", "--configfile", "my.yaml"], ws)  # targets first: --configfile takes a list
+    return ws
+
+
+def test_folder_source_gives_the_embedded_numbers(folder_with_masks_run: Path, snakemake_run: Path) -> None:
+    """The same images and masks through the folder source and the embedded source: identical evaluations."""
+    for name in ("eval_seeds.json", "eval_crf.json", "eval_pseudo.json"):
+        ours, theirs = (json.loads((w / "results" / name).read_text()) for w in (folder_with_masks_run, snakemake_run))
+        assert ours == theirs, name
+    assert json.loads((folder_with_masks_run / "results" / "eval_crf.json").read_text())["miou"] > 0
 
 
 def test_dvc_experiment_then_compare(dvc_run: Path, tmp_path: Path) -> None:

@@ -92,11 +92,12 @@ def param_groups(model: torch.nn.Module, lr: float, new_layer_mult: float) -> li
 
 @torch.no_grad()
 def evaluate_map(model: CAMNet, dataset: VOCDataset, device: torch.device, batch_size: int) -> float:
-    """Mean average precision of the image-level classifier (labels only: no pixel supervision)."""
+    """Mean average precision of the image-level classifier (labels only: no pixel supervision).
+
+    Batches group images of one size (real data mixes sizes; the order does not change the mAP)."""
     model.eval()
     scores, targets = [], []
-    for start in range(0, len(dataset), batch_size):
-        ids = dataset.ids[start:start + batch_size]
+    for ids in dataset.size_batches(batch_size):
         images = image_batch((dataset.image(i) for i in ids), device)
         scores.append(model.classify(images).float().cpu())
         targets.append(torch.from_numpy(np.stack([dataset.multi_hot(i) for i in ids])))

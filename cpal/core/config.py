@@ -90,6 +90,10 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             f"data.embedded.min_objects = {emb['min_objects']} is invalid: "
             f"must not exceed data.embedded.max_objects = {emb['max_objects']}"
         )
+    folder_classes = (params.get("data", {}).get("folder") or {}).get("classes") or []
+    if "background" in folder_classes:
+        problems.append("data.folder.classes must not name 'background': id 0 is the background already; list "
+                        "only the object classes")
     for key, value in (("data.embedded.object_scale", emb.get("object_scale")),
                        ("train_cls.scale_range", params.get("train_cls", {}).get("scale_range")),
                        ("seg.scale_range", params.get("seg", {}).get("scale_range")),

@@ -5,7 +5,8 @@ classes only) plus a background plane built by one of two rules (`cfg['bg_mode']
 
 - `threshold`: a constant plane `bg_threshold`. Without the CRF the argmax is exactly the seed rule of
   eval_seeds (background where every map is below the threshold), so the CRF result is directly
-  comparable with the best seed threshold;
+  comparable with the best seed threshold. `auto`: Otsu's split of the seeds' own top-score histogram
+  (cpal/seeds/thresholds.py; no ground truth), resolved once for the split and recorded in the timing JSON;
 - `power`: `(1 - max_c fg_c) ** bg_power` (PSA / old IRN style; low powers give more background).
 
 The CRF marginals' argmax is mapped back to dataset class ids (channel 0 -> background 0, channel i ->
@@ -35,7 +36,8 @@ from cpal.core.io import save_label_png, staged_folder
 from cpal.core.runtime import process_pool_context
 from cpal.crf.dense import dense_crf
 from cpal.data.voc import VOCDataset
-from cpal.seeds.store import MAP_KEYS, load_seeds, seed_path
+from cpal.seeds.store import MAP_KEYS, check_complete, load_seeds, seed_path
+from cpal.seeds.thresholds import resolve_threshold
 
 BG_MODES = ("threshold", "power")
 
@@ -132,6 +134,13 @@ def refine_with_crf(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dic
         raise RefineError(f"seed folder not found: {seed_dir} (run make_seeds first)")
     workers = max(1, int(workers))
     ids = list(dataset.ids)
+    derived = None
+    if cfg.get("bg_mode", "threshold") == "threshold" and cfg["bg_threshold"] == "auto":
+        check_complete(seed_dir, ids)
+        cfg, derived = resolve_threshold(cfg, "bg_threshold", seed_dir, ids, cfg["map"])
+        if derived:
+            log.info("crf background plane %.4f from the seeds' own score histogram (Otsu, no ground truth): %s",
+                     cfg["bg_threshold"], derived)
     times: list[tuple[str, float, float]] = []
     start = time.perf_counter()
     with staged_dir(out_dir, log) as tmp, tqdm(total=len(ids), desc="refine_crf", disable=not progress) as bar:
@@ -157,6 +166,8 @@ def refine_with_crf(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dic
         "crf_seconds_per_image_mean": statistics.fmean(crf_only),
         "map": cfg["map"],
         "bg_mode": cfg.get("bg_mode", "threshold"),
+        "bg_threshold": cfg["bg_threshold"],
+        "bg_threshold_derived": derived,
     }
     log.info("refine_crf: %d images with %d worker(s) in %.1f s (%.4f s per image per worker, CRF %.4f s)",
              len(ids), workers, wall, timing["seconds_per_image_mean"], timing["crf_seconds_per_image_mean"])

@@ -28,7 +28,8 @@ def _dataset_classes(root: Path) -> list[str]:
 
 def plot_dataset_samples(root: Path, split: str, out_png: Path, n: int = 8, footer: str = "") -> None:
     """A grid of sample images with their ground-truth masks below, a class legend and a footer
-    (the caller states machine, seed and command there), so a reader sees what the data look like."""
+    (the caller states machine, seed and command there), so a reader sees what the data look like.
+    Without masks (your own data) the titles give the image-level labels and the mask panels say so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +66,13 @@ def plot_dataset_samples(root: Path, split: str, out_png: Path, n: int = 8, foot
                 image = np.asarray(im.convert("RGB"))
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {img_path}") from None
+        if not mask_path.is_file():
+            tags = json.loads((root / "cls_labels.json").read_text()).get(image_id, [])
+            names = [classes[c] for c in tags]
+            axes[2 * r, col].imshow(image)
+            axes[2 * r, col].set_title(f"{image_id}\n{', '.join(names) or '(no class)'}", fontsize=8)
+            axes[2 * r + 1, col].text(0.5, 0.5, "no ground-truth mask", ha="center", va="center", fontsize=8)
+            continue
         mask = load_label_png(mask_path)
         if mask.shape != image.shape[:2]:
             raise ValueError(f"{mask_path}: mask shape {mask.shape} != image shape {image.shape[:2]}")

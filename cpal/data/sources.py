@@ -30,10 +30,17 @@ def _coco14(out_dir: Path, data_cfg: dict[str, Any], progress: bool, workers: in
     return prepare_coco14(out_dir, data_cfg, progress=progress)
 
 
+def _folder(out_dir: Path, data_cfg: dict[str, Any], progress: bool, workers: int) -> dict[str, Any]:
+    from cpal.data.folder import prepare_folder
+
+    return prepare_folder(out_dir, data_cfg, progress=progress)
+
+
 SOURCES: dict[str, Callable[[Path, dict[str, Any], bool, int], dict[str, Any]]] = {
     "embedded": _embedded,
     "voc12": _voc12,
     "coco14": _coco14,
+    "folder": _folder,
 }
 
 
@@ -45,3 +52,17 @@ def prepare_dataset(out_dir: Path, data_cfg: dict[str, Any], progress: bool = Tr
     if source not in SOURCES:
         raise ValueError(f"data.source = {source!r} is unknown; allowed: {', '.join(SOURCES)}")
     return SOURCES[source](Path(out_dir), data_cfg, progress, workers)
+
+
+def check_source(data_cfg: dict[str, Any]) -> str:
+    """What can be checked about the source before any stage runs (the Snakefile calls this at parse time).
+
+    The folder source checks its photo folder, tags CSV and masks (raising FolderSourceError, with CSV
+    line numbers) and returns a fingerprint of them, so that Snakemake reruns `data` when they change;
+    the other sources are checked by their own stage and return ''.
+    """
+    if data_cfg.get("source") != "folder":
+        return ""
+    from cpal.data.folder import plan_folder
+
+    return plan_folder(data_cfg).fingerprint

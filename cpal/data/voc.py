@@ -10,6 +10,7 @@ import os
 import xml.etree.ElementTree as ET
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,13 @@ VOC_CLASSES = (
 
 class DatasetError(ValueError):
     """The dataset on disk is incomplete or inconsistent; the message names the file."""
+
+
+def no_ground_truth(dataset: VOCDataset, **extra: Any) -> dict[str, Any]:
+    """What an evaluation stage writes for a split without masks: nothing measured, and why (the report says so)."""
+    return {"ground_truth": False, "split": dataset.split, "images": len(dataset), "miou": None,
+            "reason": f"no ground-truth masks for split {dataset.split!r} ({dataset.root / 'SegmentationClass'})",
+            **extra}
 
 
 class VOCDataset:
@@ -84,6 +92,21 @@ class VOCDataset:
     def has_masks(self) -> bool:
         """Whether every id of the split has a ground-truth mask (needed for evaluation)."""
         return all(self.mask_path(i).is_file() for i in self.ids)
+
+    def has_ground_truth(self) -> bool:
+        """True when every id of the split has a mask, False when none has (your own data without masks).
+
+        A split with only some masks is an error naming them: a dataset that lost files must not pass for
+        one evaluated without ground truth.
+        """
+        missing = [i for i in self.ids if not self.mask_path(i).is_file()]
+        if not missing:
+            return True
+        if len(missing) == len(self.ids):
+            return False
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatasetError(f"split {self.split!r} of {self.root}: {len(missing)} of {len(self.ids)} id(s) have no "
+                           f"ground-truth mask, e.g. {', '.join(str(self.mask_path(i)) for i in missing[:5])}{more}")
 
     def image(self, image_id: str) -> np.ndarray:
         """RGB uint8 array (H, W, 3)."""

@@ -88,7 +88,7 @@ def merge_source_config(cfg: dict[str, Any], section: str, defaults: dict[str, A
             out[key].update(value)
         else:
             out[key] = value
-    if out["link"] not in LINK_MODES:
+    if "link" in out and out["link"] not in LINK_MODES:
         raise ValueError(f"data.{section}.link = {out['link']!r}; allowed: {', '.join(LINK_MODES)}")
     return out
 

@@ -23,42 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from cpal.seeds.store import load_seeds, seed_path
+from cpal.seeds.thresholds import AUTO, BINS, otsu_split, top_score_histogram
 
-AUTO = "auto"
 PLANES = ("fg_threshold", "bg_threshold", "sem_seg_bg_thres")
-BINS = 200
-
-
-def top_score_histogram(seed_dir: Path, ids: list[str], which: str, bins: int = BINS) -> np.ndarray:
-    """Counts of each pixel's top class score over `bins` equal bins of [0, 1] (images without classes skipped)."""
-    hist = np.zeros(bins, dtype=np.int64)
-    for image_id in ids:
-        seeds = load_seeds(seed_path(seed_dir, image_id))
-        maps = seeds[which]
-        if maps.shape[0] == 0:
-            continue
-        top = np.clip(maps.astype(np.float32).max(axis=0), 0.0, 1.0)
-        hist += np.bincount(np.minimum((top * bins).astype(np.int64), bins - 1).ravel(), minlength=bins)
-    return hist
-
-
-def otsu_split(hist: np.ndarray) -> tuple[float, float, float]:
-    """(threshold, lower-class mean, upper-class mean) of a histogram over [0, 1] by Otsu's method."""
-    hist = np.asarray(hist, dtype=np.float64)
-    if hist.sum() <= 0:
-        raise ValueError("no seed pixels to derive IRN thresholds from (every image has an empty class set?)")
-    bins = len(hist)
-    centres = (np.arange(bins) + 0.5) / bins
-    p = hist / hist.sum()
-    w0 = np.cumsum(p)[:-1]
-    m0 = np.cumsum(p * centres)[:-1]
-    total = float((p * centres).sum())
-    between = np.where((w0 > 0) & (w0 < 1), (total * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12), -1.0)
-    k = int(between.argmax())
-    if between[k] <= 0:
-        raise ValueError("the seed scores take a single value; Otsu's split is undefined (set the IRN planes by hand)")
-    return (k + 1) / bins, float(m0[k] / w0[k]), float((total - m0[k]) / (1 - w0[k]))
+__all__ = ["AUTO", "BINS", "PLANES", "derive_planes", "otsu_split", "resolve_planes", "top_score_histogram"]
 
 
 def derive_planes(hist: np.ndarray) -> dict[str, float]:

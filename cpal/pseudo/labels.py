@@ -2,7 +2,8 @@
 
 Sources (`cfg['source']`):
 - `seeds`: the seed label map of `cfg['map']` (cam | pacam) with background where every foreground map
-  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seeds.store.labels_from_maps`). Optional
+  is below `cfg['bg_threshold']` (the rule of eval_seeds, `cpal.seeds.store.labels_from_maps`); `auto`: Otsu's
+  split of the seeds' own top-score histogram (cpal/seeds/thresholds.py, no ground truth). Optional
   uncertainty band: pixels whose top foreground score lies in [`ignore_low`, `ignore_high`) become 255
   (ignored by the segmentation loss); the band is off when `ignore_high <= ignore_low`. A band around
   `bg_threshold` drops the pixels whose background / foreground call is least sure.
@@ -24,8 +25,9 @@ from tqdm import tqdm
 from cpal.core.io import save_label_png
 from cpal.core.metrics import ConfusionMatrix
 from cpal.crf.refine import staged_dir
-from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
+from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset, no_ground_truth
 from cpal.seeds.store import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
+from cpal.seeds.thresholds import resolve_threshold
 
 SOURCES = ("seeds", "crf", "irn")
 
@@ -65,8 +67,15 @@ def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: 
     inputs = Path(inputs)
     if not inputs.is_dir():
         raise PseudoLabelError(f"pseudo-label input folder not found: {inputs} (source {source!r})")
+    derived = None
     if source == "seeds":
         check_complete(inputs, dataset.ids)
+        if cfg["map"] not in MAP_KEYS:
+            raise ValueError(f"pseudo.map = {cfg['map']!r} is invalid; allowed: {MAP_KEYS}")
+        cfg, derived = resolve_threshold(cfg, "bg_threshold", inputs, dataset.ids, cfg["map"])
+        if derived:
+            log.info("pseudo-mask background threshold %.4f from the seeds' own score histogram (Otsu, no ground "
+                     "truth): %s", cfg["bg_threshold"], derived)
     ignored = total = 0
     with staged_dir(out_dir, log) as tmp:
         for image_id in tqdm(dataset.ids, desc=f"pseudo_labels ({source})", disable=not progress):
@@ -79,7 +88,8 @@ def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: 
             ignored += int((label == IGNORE_INDEX).sum())
             total += label.size
             save_label_png(tmp / f"{image_id}.png", label)
-    summary = {"source": source, "images": len(dataset), "ignored_fraction": ignored / total if total else 0.0}
+    summary = {"source": source, "images": len(dataset), "ignored_fraction": ignored / total if total else 0.0,
+               "bg_threshold": cfg["bg_threshold"] if source == "seeds" else None, "bg_threshold_derived": derived}
     log.info("pseudo_labels: %d masks from %s, %.2f%% of pixels ignored", len(dataset), source,
              100 * summary["ignored_fraction"])
     return summary
@@ -91,28 +101,33 @@ def evaluate_pseudo_labels(dataset: VOCDataset, folder: Path, progress: bool = F
     `miou` is the protocol number (DESIGN section 7: abstaining cannot raise it); `miou_confident`
     excludes pixels the pseudo-mask ignores, i.e. the precision side of the coverage trade-off;
     `ignored_fraction` is the share of all pixels set to 255, `ignored_fraction_labelled` the share
-    of ground-truth-labelled pixels.
+    of ground-truth-labelled pixels. A split without masks gets no score (`ground_truth: false`), only
+    the ignored share.
     """
-    if not dataset.has_masks():
-        raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks")
     folder = Path(folder)
+    with_truth = dataset.has_ground_truth()
     n = dataset.num_classes
     cm, cm_confident = ConfusionMatrix(n), ConfusionMatrix(n)
     ignored = total = ignored_labelled = labelled = 0
     for image_id in tqdm(dataset.ids, desc="eval_pseudo", disable=not progress):
-        gt = dataset.mask(image_id)
+        gt = dataset.mask(image_id) if with_truth else None
         pred = _from_png(dataset, folder, image_id)
-        cm.update(pred, gt)
         unsure = pred == IGNORE_INDEX
-        cm_confident.update(pred, np.where(unsure, IGNORE_INDEX, gt))
-        valid = gt != IGNORE_INDEX
         ignored += int(unsure.sum())
         total += pred.size
+        if gt is None:
+            continue
+        cm.update(pred, gt)
+        cm_confident.update(pred, np.where(unsure, IGNORE_INDEX, gt))
+        valid = gt != IGNORE_INDEX
         ignored_labelled += int((unsure & valid).sum())
         labelled += int(valid.sum())
+    if not with_truth:
+        return no_ground_truth(dataset, miou_confident=None, ignored_fraction=ignored / total if total else 0.0)
     scores = cm.scores(dataset.classes)
     confident = cm_confident.scores(dataset.classes)
     return {
+        "ground_truth": True,
         "split": dataset.split,
         "images": len(dataset),
         "miou": scores["miou"],

@@ -51,9 +51,11 @@ class Panels:
 
 
 def seed_thresholds(results: Path) -> dict[str, float]:
-    """The background threshold eval_seeds picked for each seed map (cam, pacam)."""
+    """The background threshold eval_seeds picked for each seed map (cam, pacam): the sweep's best where there is
+    ground truth, the one derived without it (Otsu) where there is none."""
     data = json.loads((Path(results) / "eval_seeds.json").read_text())
-    return {k: data[k]["best_threshold"] for k in ("cam", "pacam") if k in data and data[k]}
+    return {k: data[k].get("best_threshold", data[k].get("otsu_threshold", 0.5))
+            for k in ("cam", "pacam") if k in data and data[k]}
 
 
 def collect_panels(dataset: VOCDataset, ids: list[str], seeds_dir: Path, pseudo_dir: Path, model: torch.nn.Module,

@@ -49,8 +49,11 @@ def _load(path: Path) -> dict[str, Any] | None:
 def collect_rows(results: Path, logs: Path, with_irn: bool = True) -> list[dict[str, Any]]:
     """One row per stage that has run: mIoU, per-class IoU, seconds, published VOC reference.
 
+    A stage evaluated without ground truth (your own data without masks) or skipped (the upper bound without
+    training masks) gets a row with mIoU None and a `note` saying which, never a made-up number.
     ``with_irn`` False leaves out results/eval_irn.json: the report stage does not depend on the IRN branch
-    (off the default path), so a file left there by an earlier run may not belong to this one."""
+    (off the default path), so a file left there by an earlier run may not belong to this one.
+    """
     seeds = _load(results / "eval_seeds.json") or {}
     seg = _load(results / "eval_seg.json")
     full = _load(results / "eval_seg_full.json")
@@ -75,15 +78,36 @@ def collect_rows(results: Path, logs: Path, with_irn: bool = True) -> list[dict[
     ]
     rows = []
     for label, data, stage, split in entries:
-        if not data or data.get("miou") is None:
+        if not data:
+            continue
+        top = seeds if label.endswith("seeds") else data
+        note = _note(data, top)
+        if data.get("miou") is None and not note:
             continue
         ref, source = PUBLISHED_VOC[label]
         rows.append({"stage": label, "split": split, "miou": data["miou"], "per_class": per_class(data),
-                     "seconds": stage_seconds(logs / f"{stage}.log"), "voc_published": ref, "voc_source": source})
+                     "seconds": stage_seconds(logs / f"{stage}.log"), "voc_published": ref, "voc_source": source,
+                     "note": note})
     bound = full["miou"] if full else None
     for row in rows:
-        row["of_upper_bound"] = row["miou"] / bound if bound and row["split"] == "val" else None
+        row["of_upper_bound"] = row["miou"] / bound if bound and row["miou"] is not None and row["split"] == "val" \
+            else None
     return rows
+
+
+def _note(data: dict[str, Any], top: dict[str, Any]) -> str:
+    """Why a row has no mIoU: the stage was skipped, or its split has no ground truth ('' when it has one)."""
+    if data.get("skipped"):
+        return "skipped: " + str(data["skipped"])
+    if top.get("ground_truth") is False:
+        return "no ground truth"
+    return ""
+
+
+def _miou_cell(r: dict[str, Any]) -> str:
+    if r["miou"] is not None:
+        return f"{100 * r['miou']:.1f}"
+    return "skipped" if r["note"].startswith("skipped") else r["note"]
 
 
 def markdown(rows: list[dict[str, Any]], method: str, machine: str, command: str, init: str | None) -> str:
@@ -100,8 +124,14 @@ def markdown(rows: list[dict[str, Any]], method: str, machine: str, command: str
         frac = f"{r['of_upper_bound']:.2f}" if r["of_upper_bound"] is not None else ""
         secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
         ref = f"{r['voc_published']:.1f}" if r["voc_published"] is not None else ""
-        lines.append(f"| {r['stage']} | {r['split']} | {100 * r['miou']:.1f} | {frac} | {secs} | {ref} | "
+        lines.append(f"| {r['stage']} | {r['split']} | {_miou_cell(r)} | {frac} | {secs} | {ref} | "
                      f"{r['voc_source']} |")
+    unscored = [r for r in rows if r["miou"] is None]
+    if unscored:
+        lines += ["", "**No ground truth.** " + "; ".join(f"{r['stage']} ({r['split']}): {r['note']}" for r in unscored)
+                  + ". These rows ran but could not be scored: the data has no ground-truth masks for their split. "
+                  "The DeepLab model was trained all the same (outputs/seg/model.pt); every threshold the pipeline "
+                  "used there was derived without masks (docs/method.md, \"Without ground truth\")."]
     lines += [
         "",
         "Ours: the embedded dataset or whichever data `params.yaml` names. The published column is PASCAL VOC 2012",
@@ -129,6 +159,7 @@ def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
 
     from cpal.core.io import atomic_path
 
+    rows = [r for r in rows if r["per_class"]]
     classes = list(rows[0]["per_class"]) if rows else []
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(classes) + 2), 4.2))
     width = 0.8 / max(1, len(rows))
@@ -138,7 +169,10 @@ def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=30, ha="right")
     ax.set_ylabel("IoU")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    if rows:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no ground-truth masks: no per-class IoU", ha="center", va="center", transform=ax.transAxes)
     ax.grid(axis="y", alpha=0.3)
     fig.text(0.01, 0.01, footer, fontsize=6.5, va="bottom")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -147,8 +181,8 @@ def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
     plt.close(fig)
 
 
-def plot_grid(panels: list[tuple[str, list[np.ndarray]]], titles: list[str], out: Path, footer: str) -> None:
-    """Rows of (id, [image, gt, cam, pacam, pseudo, prediction]) label maps shown in the VOC palette."""
+def plot_grid(panels: list[tuple[str, list[np.ndarray | None]]], titles: list[str], out: Path, footer: str) -> None:
+    """Rows of (id, [image, gt, cam, pacam, pseudo, prediction]) label maps shown in the VOC palette (None: no mask)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +196,10 @@ def plot_grid(panels: list[tuple[str, list[np.ndarray]]], titles: list[str], out
     for r, (image_id, images) in enumerate(panels):
         for c, img in enumerate(images):
             ax = axes[r][c]
-            ax.imshow(img if img.ndim == 3 else palette[img])
+            if img is None:  # no ground-truth mask
+                ax.text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            else:
+                ax.imshow(img if img.ndim == 3 else palette[img])
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -182,7 +219,7 @@ def terminal_table(csv_path: str | Path) -> str:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     header = ["stage", "split", "mIoU (%)", "seconds"]
-    cells = [[r["stage"], r["split"], f"{100 * float(r['miou']):.1f}",
+    cells = [[r["stage"], r["split"], f"{100 * float(r['miou']):.1f}" if r["miou"] else _short(r.get("note", "")),
               f"{float(r['seconds']):.0f}" if r.get("seconds") else ""] for r in rows]
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
 
@@ -190,6 +227,10 @@ def terminal_table(csv_path: str | Path) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
 
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, cells)])
+
+
+def _short(note: str) -> str:
+    return "skipped" if note.startswith("skipped") else note or "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ reaches 0.95 by default. The sweep picks its threshold with ground truth, which 
 for prototype maps the protocol SIPE reports is also given, as `pacam_argmax`: the argmax over the
 map's own background channel and the classes, no threshold. A host with a fixed threshold of its own (AMN:
 0.25) gets it reported beside the sweep as `<map>_fixed`. Evaluation only, never model selection.
+A split without masks (your own data) gets no score: the result says so and gives, per map, the
+threshold derived without ground truth (Otsu's split, cpal/seeds/thresholds.py) instead.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cpal.core.metrics import ConfusionMatrix
-from cpal.data.voc import VOCDataset
+from cpal.data.voc import VOCDataset, no_ground_truth
 from cpal.seeds.store import BACKGROUND_KEY, MAP_KEYS, check_complete, labels_with_background, load_seeds, seed_path
+from cpal.seeds.thresholds import otsu_split, top_score_histogram
 
 
 def thresholds_from(cfg: dict[str, Any]) -> np.ndarray:
@@ -31,9 +34,9 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
     """Per map kind: mIoU for each threshold, the best threshold and its per-class scores; for prototype
     maps with a background channel also `pacam_argmax` (SIPE's protocol, no threshold); with
     ``fixed_threshold`` also `<kind>_fixed`, the scores at that one threshold (a host's own protocol)."""
-    if not dataset.has_masks():
-        raise ValueError(f"split {dataset.split!r} of {dataset.root} has no ground-truth masks to evaluate seeds")
     check_complete(seed_dir, dataset.ids)
+    if not dataset.has_ground_truth():
+        return seeds_without_ground_truth(dataset, seed_dir, log)
     n = dataset.num_classes
     matrices: dict[str, list[ConfusionMatrix]] = {}
     fixed: dict[str, ConfusionMatrix] = {}
@@ -58,7 +61,8 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
         if "pacam" in seeds and BACKGROUND_KEY in seeds:
             argmax_cm = argmax_cm or ConfusionMatrix(n)
             argmax_cm.update(labels_with_background(seeds["pacam"], seeds[BACKGROUND_KEY], keys), gt)
-    results: dict[str, Any] = {"thresholds": thresholds.tolist(), "split": dataset.split, "images": len(dataset)}
+    results: dict[str, Any] = {"thresholds": thresholds.tolist(), "split": dataset.split, "images": len(dataset),
+                               "ground_truth": True}
     for kind, cms in matrices.items():
         curve = [cm.scores()["miou"] for cm in cms]
         best = int(np.nanargmax(np.array(curve, dtype=np.float64)))
@@ -92,6 +96,18 @@ def evaluate_seeds(dataset: VOCDataset, seed_dir: Path, thresholds: np.ndarray, 
     return results
 
 
+def seeds_without_ground_truth(dataset: VOCDataset, seed_dir: Path, log: logging.Logger) -> dict[str, Any]:
+    """No masks: no sweep and no score; per map kind, the threshold derived from the seeds alone (Otsu)."""
+    kinds = [k for k in MAP_KEYS if k in load_seeds(seed_path(seed_dir, dataset.ids[0]))]
+    results = no_ground_truth(dataset, thresholds=[])
+    for kind in kinds:
+        t, mu0, mu1 = otsu_split(top_score_histogram(seed_dir, dataset.ids, kind))
+        results[kind] = {"miou": None, "curve": [], "otsu_threshold": t, "lower_mean": round(mu0, 4),
+                         "upper_mean": round(mu1, 4)}
+        log.info("%s seeds: no ground truth; threshold without it (Otsu) %.3f", kind, t)
+    return results
+
+
 def write_curve_csv(results: dict[str, Any], path: Path) -> None:
     import pandas as pd
 
@@ -116,8 +132,13 @@ def plot_threshold_curve(results: dict[str, Any], path: Path, command: str) -> N
     from cpal.core.runtime import machine_description
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if results.get("ground_truth") is False:
+        derived = ", ".join(f"{k.upper()} {results[k]['otsu_threshold']:.3f}" for k in MAP_KEYS if k in results)
+        ax.text(0.5, 0.5, f"No ground-truth masks for split {results['split']!r}: no threshold sweep.\n"
+                f"Thresholds derived without them (Otsu): {derived}", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, wrap=True)
     for kind in MAP_KEYS:
-        if kind not in results:
+        if kind not in results or results.get("ground_truth") is False:
             continue
         curve = np.array([np.nan if v is None else v for v in results[kind]["curve"]], dtype=float)
         line, = ax.plot(results["thresholds"], curve, marker="o", ms=3, label=kind.upper())

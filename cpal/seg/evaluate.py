@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cpal.backbone import for_inference
 from cpal.core.metrics import ConfusionMatrix
 from cpal.data.torch_data import image_batch
-from cpal.data.voc import DatasetError, VOCDataset
+from cpal.data.voc import VOCDataset, no_ground_truth
 
 EVAL_BATCH = 8  # images per forward (same size only)
 
@@ -63,19 +63,15 @@ def evaluate_segmenter(
     log: logging.Logger,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """mIoU and per-class IoU of `model` on `dataset` (with ground truth), plain and, if cfg crf, with CRF.
+    """mIoU and per-class IoU of `model` on `dataset`, plain and, if cfg crf, with CRF; a split without masks
+    gets no score (`ground_truth: false`, cpal.data.voc.no_ground_truth).
 
     cfg keys: scales (list of floats), flip (bool), crf (bool), crf_params (cpal.crf.dense settings, when crf),
     amp (bool, CUDA only).
     """
-    if not dataset.has_masks():
-        missing = [i for i in dataset.ids if not dataset.mask_path(i).is_file()]
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DatasetError(
-            f"split {dataset.split!r} of {dataset.root} has no ground-truth mask for {len(missing)} of "
-            f"{len(dataset)} id(s), e.g. {', '.join(missing[:5])}{more}: DeepLab is evaluated against ground "
-            f"truth; choose a split with masks (seg.val_split)"
-        )
+    if not dataset.has_ground_truth():
+        log.info("eval_seg on %s: no ground-truth masks, nothing to score", dataset.split)
+        return no_ground_truth(dataset, crf=None)
     scales = [float(s) for s in cfg["scales"]]
     if not scales or min(scales) <= 0:
         raise ValueError(f"seg.scales = {cfg['scales']!r}: need at least one scale, all > 0")
@@ -102,6 +98,7 @@ def evaluate_segmenter(
             bar.update()
     bar.close()
     result = {
+        "ground_truth": True,
         "split": dataset.split,
         "images": len(dataset),
         "scales": scales,

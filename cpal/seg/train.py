@@ -18,8 +18,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cpal.core import distributed
+from cpal.core.io import write_json
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint, load_for_new_images
+from cpal.core.training import (
+    CheckpointError,
+    channels_last,
+    config_fingerprint,
+    load_checkpoint,
+    load_for_new_images,
+    save_checkpoint,
+)
 from cpal.data.voc import IGNORE_INDEX, VOCDataset
 from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.evaluate import evaluate_segmenter
@@ -65,12 +73,40 @@ def check_seg_meta(meta: dict[str, Any], cfg: dict[str, Any], classes: list[str]
             )
 
 
+class TrainingSkipped(RuntimeError):
+    """The checkpoint records that training was skipped (the upper bound without masks); str() says why."""
+
+
+def skip_without_ground_truth(params: dict[str, Any], data_dir: Path, out_dir: Path, log: logging.Logger) -> bool:
+    """Upper bound (`--ground-truth`) on a training split without masks: record why, in place of a model.
+
+    model.pt then holds only the meta with `skipped` (load_segmenter raises TrainingSkipped, so eval_seg_full
+    records the reason), metrics.json and timing.json say the same. The same command does this under
+    Snakemake and DVC, so both engines leave the same files. Returns whether it skipped.
+    """
+    cfg = seg_config(params)
+    train_set = VOCDataset(data_dir, cfg["train_split"])
+    if train_set.has_ground_truth():
+        return False
+    reason = (f"upper bound not trained: split {cfg['train_split']!r} of {data_dir} has no ground-truth masks "
+              "(the fully supervised model needs them)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / "model.pt", {"meta": {**seg_meta(cfg, train_set.classes, "ground_truth"),
+                                                    "skipped": reason}})
+    write_json(out_dir / "metrics.json", {"skipped": reason, "labels": "ground_truth", "steps": 0})
+    write_json(out_dir / "timing.json", {"skipped": reason})
+    log.warning("%s", reason)
+    return True
+
+
 def load_segmenter(
     path: Path, cfg: dict[str, Any], classes: list[str], device: torch.device
 ) -> tuple[Segmenter, dict[str, Any]]:
     """(model in eval mode, checkpoint meta) of a train_seg checkpoint, checked against params and classes."""
     ckpt = load_checkpoint(path, map_location="cpu")
     meta = ckpt.get("meta", {})
+    if meta.get("skipped"):
+        raise TrainingSkipped(meta["skipped"])
     check_seg_meta(meta, cfg, classes, path)
     return _segmenter_from(ckpt, cfg, device), meta
 
@@ -125,6 +161,9 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
 
     train_set = VOCDataset(data_dir, cfg["train_split"])
     val_set = VOCDataset(data_dir, cfg["val_split"]) if cfg.get("val_every") else None
+    if val_set is not None and not val_set.has_ground_truth():  # your own data without masks: no curve
+        info("seg.val_every: split %r has no ground-truth masks, no val mIoU curve", cfg["val_split"])
+        val_set = None
     data = SegmentationData(train_set, labels_dir, cfg["crop_size"], tuple(cfg["scale_range"]), run["seed"],
                             cache=cfg.get("cache_images", True))
     batch = cfg["batch_size"]
@@ -199,7 +238,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         record = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(seen, 1),
                   "pixel_acc": correct / max(labelled, 1), "lr": loop.lr,
                   "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
-        val_every = int(cfg.get("val_every") or 0)
+        val_every = int(cfg.get("val_every") or 0) if val_set is not None else 0
         if val_every and ((epoch + 1) % val_every == 0 or epoch + 1 == n_epochs):
             miou = None
             if ctx.is_main:
