@@ -108,7 +108,7 @@ def test_same_seed_gives_byte_identical_metrics(dvc_runs: dict) -> None:
     """
     first, second = dvc_runs["first"], dvc_runs["second"]
     files = metrics_files()
-    assert len(files) >= 12, files
+    assert len(files) >= 10, files  # the default DAG's (the IRN branch's eval_irn is in branches/irn/dvc.yaml)
     print("compared:", ", ".join(files))
     for name in files:
         a, b = (first / name).read_bytes(), (second / name).read_bytes()
