@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cpal.core.io import write_json
 from cpal.core.training import resolve_device
-from cpal.data.voc import VOCDataset, no_ground_truth
-from cpal.seg.evaluate import evaluate_segmenter
+from cpal.data.voc import VOCDataset
+from cpal.seg.evaluate import evaluate_segmenter, skipped_result
 from cpal.seg.train import TrainingSkipped, load_segmenter
 from stages.common import parser, start
 
@@ -31,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_segmenter(Path(args.checkpoint), cfg, dataset.classes, device)
     except TrainingSkipped as skipped:  # the upper bound without training masks: record why, score nothing
         log.warning("%s: %s", args.checkpoint, skipped)
-        truth = dataset.has_ground_truth()
-        base = {"ground_truth": True, "split": dataset.split, "images": len(dataset), "miou": None} if truth \
-            else no_ground_truth(dataset)
-        write_json(args.metrics, {**base, "skipped": str(skipped), "crf": None})
+        write_json(args.metrics, skipped_result(dataset, str(skipped)))
         return 0
     results = evaluate_segmenter(model, dataset, cfg, device, log, progress=not args.no_progress)
     results.update({key: meta[key] for key in ("backbone", "head", "init", "labels")})

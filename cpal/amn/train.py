@@ -22,7 +22,7 @@ from cpal.cls.train import param_groups
 from cpal.core import distributed
 from cpal.core.io import inputs_stamp
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import channels_last, check_meta_keys, config_fingerprint, load_checkpoint
+from cpal.core.training import EpochMeans, channels_last, check_meta_keys, config_fingerprint, load_checkpoint
 from cpal.data.labelled import SegmentationData
 from cpal.data.voc import VOCDataset
 
@@ -171,8 +171,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     for epoch in range(start_epoch, cfg["epochs"]):
         data.set_epoch(epoch)
         loader = loop.loader(data, sampler(epoch), run["num_workers"], epoch)
-        sums = {"loss": 0.0, "loss_pcl": 0.0, "loss_self": 0.0}
-        seen, t0 = 0, time.perf_counter()
+        terms, t0 = EpochMeans(("loss", "loss_pcl", "loss_self")), time.perf_counter()
         bar = tqdm(loader, desc=f"train_amn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
         for images, ir_labels, labels, _ in bar:
             images = channels_last(images.to(device, non_blocking=True))
@@ -181,13 +180,11 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
                 out = model(images, labels, ir_labels)
             loop.step(out["loss"])
             n = images.shape[0]
-            seen += n
-            for key in sums:
-                sums[key] += float(out[key].detach()) * n
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+            terms.add(out, n)
+            bar.set_postfix(loss=f"{terms.loss:.4f}")
         seconds = time.perf_counter() - t0
-        record = {key: value / max(seen, 1) for key, value in sums.items()}
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / max(seconds, 1e-9), lr=loop.lr)
+        record = terms.means()
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=terms.seen / max(seconds, 1e-9), lr=loop.lr)
         history.append(record)
         if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):
             return {"stopped_after_epoch": epoch + 1}

@@ -20,7 +20,14 @@ from tqdm import tqdm
 from cpal.cls.network import CAMNet
 from cpal.core import distributed
 from cpal.core.loop import ResumableTraining
-from cpal.core.training import CheckpointError, channels_last, config_fingerprint, load_checkpoint, load_for_new_images
+from cpal.core.training import (
+    CheckpointError,
+    EpochMeans,
+    channels_last,
+    config_fingerprint,
+    load_checkpoint,
+    load_for_new_images,
+)
 from cpal.data.torch_data import ClassificationData, image_batch
 from cpal.data.voc import VOCDataset
 
@@ -185,8 +192,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         data.set_epoch(epoch)
         batches = sampler(epoch)
         loader = loop.loader(data, batches, run["num_workers"], epoch)
-        sums = {"loss": 0.0, "loss_cls": 0.0, "loss_self": 0.0}
-        seen, t0 = 0, time.perf_counter()
+        terms, t0 = EpochMeans(("loss", "loss_cls", "loss_self")), time.perf_counter()
         bar = tqdm(loader, desc=f"train_cls epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and ctx.is_main),
                    leave=False)
         for step, (images, targets, valid, _) in enumerate(bar):
@@ -200,18 +206,14 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
                 # a partial last batch: weight this rank's mean so DDP's average is the global batch mean
                 loss = loss * (n * ctx.world_size / batches.global_size(step))
             loop.step(loss, model.parameters(), cfg["grad_clip"])  # SIPE clips the gradient norm at 1
-            seen += n
-            for key in sums:
-                sums[key] += float(out[key].detach()) * n
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+            terms.add(out, n)
+            bar.set_postfix(loss=f"{terms.loss:.4f}")
         if ctx.distributed:  # per-image sums over every rank: the single-process epoch means
-            *totals, seen = ctx.all_reduce_sum([*sums.values(), seen])
-            sums = dict(zip(sums, totals, strict=True))
-            seen = int(round(seen))
+            terms.reduce(ctx)
         seconds = time.perf_counter() - t0
-        record = {key: value / max(seen, 1) for key, value in sums.items()}
+        record = terms.means()
         val_map = evaluate_map(model, val_set, device, cfg["batch_size"]) if ctx.is_main else None
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds,
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=terms.seen / seconds,
                       lr=loop.lr, val_map=ctx.broadcast_float(val_map))
         history.append(record)
         if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):

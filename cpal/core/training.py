@@ -118,6 +118,34 @@ def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, 
     scheduler.step()
 
 
+class EpochMeans:
+    """Per-image means of an epoch's loss terms, for the progress bar and the epoch record of every training
+    stage: each batch adds its terms times its image count; under DDP the sums are reduced over the ranks."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.sums = dict.fromkeys(keys, 0.0)
+        self.seen = 0
+
+    def add(self, terms: dict[str, Any], n: int) -> None:
+        self.seen += n
+        for key in self.sums:
+            self.sums[key] += float(terms[key].detach()) * n
+
+    @property
+    def loss(self) -> float:
+        """The running mean of ``loss`` (the progress bar's figure)."""
+        return self.sums["loss"] / max(self.seen, 1)
+
+    def reduce(self, ctx: Any) -> None:
+        """Every rank's sums and image counts added up (``ctx``: cpal.core.distributed.DistContext)."""
+        *totals, seen = ctx.all_reduce_sum([*self.sums.values(), self.seen])
+        self.sums = dict(zip(self.sums, totals, strict=True))
+        self.seen = int(round(seen))
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(self.seen, 1) for key, value in self.sums.items()}
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as tensors and plain lists (weights_only-loadable)."""
     py = random.getstate()

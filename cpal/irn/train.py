@@ -32,6 +32,7 @@ from cpal.backbone import build_backbone, fuse_batchnorm
 from cpal.core.io import inputs_stamp, load_label_png
 from cpal.core.runtime import seed_everything
 from cpal.core.training import (
+    EpochMeans,
     amp_scaler,
     build_optimizer,
     channels_last,
@@ -183,21 +184,18 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
         generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
         loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
                             num_workers=run["num_workers"], pin_memory=device.type == "cuda")
-        sums = dict.fromkeys(("loss", "bg_pos", "fg_pos", "neg"), 0.0)
-        seen, t0 = 0, time.perf_counter()
+        sums, t0 = EpochMeans(("loss", "bg_pos", "fg_pos", "neg")), time.perf_counter()
         bar = tqdm(loader, desc=f"train_irn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
         for images, labels, _ in bar:
             images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             terms = affinity_loss(model, images, labels, index, amp=scaler.is_enabled())
             scaled_step(optimizer, scaler, scheduler, terms["loss"])
             n = images.shape[0]
-            seen += n
-            for key in sums:
-                sums[key] += float(terms[key].detach()) * n
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+            sums.add(terms, n)
+            bar.set_postfix(loss=f"{sums.loss:.4f}")
         seconds = time.perf_counter() - t0
-        record = {k: v / max(seen, 1) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=seen / seconds, lr=scheduler.get_last_lr()[0])
+        record = sums.means()
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=sums.seen / seconds, lr=scheduler.get_last_lr()[0])
         history.append(record)
         log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
                  ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))

@@ -55,6 +55,14 @@ def predict_batch(model: nn.Module, images: list[np.ndarray], scales: list[float
     return (total / count).cpu()
 
 
+def skipped_result(dataset: VOCDataset, reason: str) -> dict[str, Any]:
+    """What eval_seg records for a model that was not trained (the upper bound without training masks): no
+    score, the reason, and whether the evaluation split itself has ground truth."""
+    base = ({"ground_truth": True, "split": dataset.split, "images": len(dataset), "miou": None}
+            if dataset.has_ground_truth() else no_ground_truth(dataset))
+    return {**base, "skipped": reason, "crf": None}
+
+
 def evaluate_segmenter(
     model: nn.Module,
     dataset: VOCDataset,
