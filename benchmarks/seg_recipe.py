@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -37,10 +38,10 @@ from cpal.seg.train import load_segmenter, train_segmenter
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
-    """`name:key=value,key=value` (values read as YAML) -> (name, overrides of the seg section)."""
+    """`name:key=value,key=[1,2]` (values read as YAML) -> (name, overrides of the seg section)."""
     name, _, rest = text.partition(":")
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\s*\w+=)", rest)):  # a comma inside a list value stays
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides

@@ -127,7 +127,9 @@ def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
     df = pd.DataFrame(rows)
     assert chain.paired(df, ("cpal", "pseudo-masks"), ("cam", "pseudo-masks")) == pytest.approx([5.0, 2.0])
     text = chain.report(df, ["cam", "cpal"], "python benchmarks/chain.py --seeds 0 1", None)
-    assert "CPAL's pseudo-masks over the CAM baseline's: +3.5 points (per seed +5.0, +2.0; goal +3: met)" in text
-    assert "0.850 of the upper bound (per seed 0.90, 0.80; goal 0.85: met)" in text
+    assert "- cpal minus cam, pseudo-masks: +3.5 ± 2.1 points (per seed +5.0, +2.0)." in text
+    assert ("- cpal: DeepLab val / pseudo-masks train 0.73 (per seed 0.82, 0.65; goal 0.9: NOT met); DeepLab "
+            "seed-to-seed std 3.5 points (goal <= 1.5: NOT met).") in text
+    assert "| DeepLab / upper bound |  | 0.85 ± 0.07 |" in text
     assert "cam: +IRN minus +CRF -10.0 points (CRF above IRN; seeds 2)" in text
     assert "| upper bound | 50.0 ± 0.0 | 50.0 ± 0.0 |" in text
