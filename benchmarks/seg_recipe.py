@@ -38,7 +38,8 @@ from cpal.seg.train import load_segmenter, train_segmenter
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
-    """`name:key=value,key=[1,2]` (values read as YAML) -> (name, overrides of the seg section)."""
+    """`name:key=value,key=[1,2]` (values read as YAML) -> (name, overrides of the seg section); the key
+    `labels` (gt | pseudo | [gt, pseudo]) limits that recipe to those labels."""
     name, _, rest = text.partition(":")
     overrides = {}
     for item in filter(None, re.split(r",(?=\s*\w+=)", rest)):  # a comma inside a list value stays
@@ -47,23 +48,35 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
-def run_one(params: dict[str, Any], data_dir: Path, labels_dir: Path | None, out: Path,
+def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"scales": list(cfg["scales"]), "flip": bool(cfg["flip"])}
+
+
+def run_one(params: dict[str, Any], overrides: dict[str, Any], data_dir: Path, labels_dir: Path | None, out: Path,
             log: logging.Logger) -> dict[str, Any]:
-    """Train (or reuse) one DeepLab and evaluate it with the pipeline's own protocol (eval_seg, no CRF)."""
+    """Train (or reuse) one DeepLab and evaluate it with the pipeline's own protocol (eval_seg, no CRF).
+
+    A finished run is reused only if it was trained with the same overrides (else: an error naming both);
+    evaluated under another protocol (params' seg.scales / seg.flip), its saved model is evaluated again.
+    """
     result_file = out / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    t0 = time.perf_counter()
-    metrics = train_segmenter(params, data_dir, labels_dir, out, log, progress=False)
-    train_s = time.perf_counter() - t0
     cfg = params["seg"]
-    device = resolve_device(params["run"]["device"])
-    val = VOCDataset(data_dir, cfg["val_split"])
-    model, _ = load_segmenter(out / "model.pt", cfg, val.classes, device)
-    scores = evaluate_segmenter(model, val, {**cfg, "crf": False}, device, log, progress=False)
-    result = {"train_seconds": train_s, "steps": metrics["steps"], "epochs": metrics["epochs"],
-              "val_miou": scores["miou"], "curve": [h.get("val_miou") for h in metrics["history"]]}
-    write_json(result_file, result)
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if result is not None and result.get("overrides", overrides) != overrides:
+        raise ValueError(f"{out} was trained with {result['overrides']}, not {overrides}: give this recipe "
+                         "another name")
+    if result is None:
+        t0 = time.perf_counter()
+        metrics = train_segmenter(params, data_dir, labels_dir, out, log, progress=False)
+        result = {"overrides": overrides, "train_seconds": time.perf_counter() - t0, "steps": metrics["steps"],
+                  "epochs": metrics["epochs"], "curve": [h.get("val_miou") for h in metrics["history"]]}
+    if result.get("protocol") != eval_protocol(cfg):
+        device = resolve_device(params["run"]["device"])
+        val = VOCDataset(data_dir, cfg["val_split"])
+        model, _ = load_segmenter(out / "model.pt", cfg, val.classes, device)
+        scores = evaluate_segmenter(model, val, {**cfg, "crf": False}, device, log, progress=False)
+        result.update(overrides=overrides, val_miou=scores["miou"], protocol=eval_protocol(cfg))
+        write_json(result_file, result)
     return result
 
 
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", action="append", required=True, help="name:seg_key=value,... (repeatable)")
     p.add_argument("--labels", nargs="+", default=["gt", "pseudo"], choices=["gt", "pseudo"])
     p.add_argument("--out", type=Path, default=Path("results/seg_recipe"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: params run.torch_threads)")
+    p.add_argument("--notes", type=Path, default=None, help="a Markdown file appended to the report as written")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -81,20 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     ws = args.workspace.resolve()
     base = load_params(args.params or ws / "params.yaml")
     keep_freed_memory()  # as the stages run (stages/common.py)
-    if base["run"].get("torch_threads"):
-        torch.set_num_threads(base["run"]["torch_threads"])
+    threads = args.threads or base["run"].get("torch_threads")
+    if threads:
+        torch.set_num_threads(threads)
     data_dir = ws / base["data"]["dir"]
     pseudo_dir = ws / "outputs" / "pseudo" / "labels"
     work = ws / "outputs" / "benchmarks" / "seg_recipe"
     rows = []
     for text in args.recipe:
         name, overrides = parse_recipe(text)
+        only = overrides.pop("labels", None)  # `labels=gt`: this recipe on these labels only
         params = copy.deepcopy(base)
         params["seg"].update(overrides, val_every=1)
         validate_params(params, source=f"recipe {name}")
-        for labels in args.labels:
+        for labels in [only] if isinstance(only, str) else (only or args.labels):
             log.info("recipe %s (%s) on %s", name, overrides, labels)
-            res = run_one(params, data_dir, None if labels == "gt" else pseudo_dir, work / name / labels, log)
+            res = run_one(params, overrides, data_dir, None if labels == "gt" else pseudo_dir, work / name / labels,
+                          log)
             for epoch, miou in enumerate(res["curve"], start=1):
                 rows.append({"recipe": name, "overrides": json.dumps(overrides), "labels": labels, "epoch": epoch,
                              "curve_miou": miou, "final_val_miou": res["val_miou"], "steps": res["steps"],
@@ -111,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# DeepLab recipes on the embedded default", "",
           f"Machine: {machine_description()}. One seed (run.seed {base['run']['seed']}); the workspace's "
           f"pseudo-masks ({base['params']['method']}). Command: `{command}`.", "",
-          "val mIoU (%): the pipeline's eval_seg protocol (scales and flips of params.seg, no CRF). Curves "
+          f"val mIoU (%): the pipeline's eval_seg protocol (scales {base['seg']['scales']}, flip "
+          f"{base['seg']['flip']}, no CRF). Curves "
           "(one scale, no flip) per epoch in the CSV. Chosen with validation ground truth.", "",
           final.to_markdown(index=False), ""]
+    if args.notes is not None:
+        md += [args.notes.read_text().rstrip(), ""]
     write_text(args.out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
     return 0

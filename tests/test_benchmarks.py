@@ -133,3 +133,21 @@ def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
     assert "| DeepLab / upper bound |  | 0.85 ± 0.07 |" in text
     assert "cam: +IRN minus +CRF -10.0 points (CRF above IRN; seeds 2)" in text
     assert "| upper bound | 50.0 ± 0.0 | 50.0 ± 0.0 |" in text
+
+
+def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) -> None:
+    """`name:key=value,key=[a,b]`: a comma inside a list stays in the value; a finished run of that name made with
+    other overrides is refused instead of being reported under the new ones."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_seg_recipe", ROOT / "benchmarks" / "seg_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    assert recipe.parse_recipe("b8:epochs=6,scales=[1.0, 1.25],batch_size=8") == (
+        "b8", {"epochs": 6, "scales": [1.0, 1.25], "batch_size": 8})
+    out = tmp_path / "b8" / "gt"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"overrides": {"epochs": 12}, "val_miou": 0.5}))
+    params = {"seg": {"scales": [1.0], "flip": True}, "run": {"device": "cpu"}}
+    with pytest.raises(ValueError, match="trained with"):
+        recipe.run_one(params, {"epochs": 6}, tmp_path, None, out, logging.getLogger("t"))
