@@ -38,7 +38,8 @@ SOURCE_STATE = check_source(config["data"])
 # Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them).
 PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
 DATA = config["data"]["dir"]
-REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps"}
+REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps",
+           "amn_crf": "outputs/amn_crf/maps"}
 ENV = "environment.yml"
 
 
@@ -460,6 +461,136 @@ rule eval_irn:
     shell:
         "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
         "--label irn --metrics {output.metrics} --log {log}"
+
+
+# The AMN branch (issue 22; off the default path, like IRN's): AMN trained on the classifier's IR labels,
+# its maps as seeds, through the CRF. `snakemake --cores 2 results/eval_amn_crf.json` runs it;
+# `pseudo.source: amn_crf` sends its masks on to DeepLab. dvc: branches/amn/dvc.yaml.
+rule train_amn:
+    input:
+        data=DATA,
+        labels="outputs/irn/ir_labels",
+    output:
+        model="outputs/amn/model.pt",
+        metrics="outputs/amn/metrics.json",
+        timing="outputs/amn/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        amn=config["amn"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_amn.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_amn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
+        "--out outputs/amn --log {log}"
+
+
+rule make_amn_seeds:
+    input:
+        data=DATA,
+        model="outputs/amn/model.pt",
+        labels="outputs/irn/ir_labels",
+    output:
+        maps=directory("outputs/amn/maps"),
+        timing="outputs/amn/seed_timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        amn=config["amn"],
+        run=config["run"],
+    log:
+        "outputs/logs/make_amn_seeds.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.make_amn_seeds --params {params.params_file} --data {input.data} "
+        "--checkpoint {input.model} --ir-labels {input.labels} --out {output.maps} --timing {output.timing} "
+        "--log {log}"
+
+
+rule eval_amn_seeds:
+    input:
+        data=DATA,
+        seeds="outputs/amn/maps",
+    output:
+        metrics="results/eval_amn_seeds.json",
+        curve="results/eval_amn_seeds_curve.csv",
+        plot="results/eval_amn_seeds_curve.png",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        threshold=config["amn"]["seed_threshold"],
+    log:
+        "outputs/logs/eval_amn_seeds.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_seeds --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--metrics {output.metrics} --curve {output.curve} --plot {output.plot} "
+        "--fixed-threshold {params.threshold} --host amn --log {log}"
+
+
+rule refine_amn_crf:
+    input:
+        data=DATA,
+        seeds="outputs/amn/maps",
+    output:
+        maps=directory("outputs/amn_crf/maps"),
+        timing="outputs/amn_crf/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        crf=config["crf"],
+    log:
+        "outputs/logs/refine_amn_crf.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.refine_crf --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--out {output.maps} --workers {threads} --timing {output.timing} --map cam --log {log}"
+
+
+rule eval_amn_crf:
+    input:
+        data=DATA,
+        maps="outputs/amn_crf/maps",
+    output:
+        metrics="results/eval_amn_crf.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+    log:
+        "outputs/logs/eval_amn_crf.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
+        "--label amn_crf --metrics {output.metrics} --log {log}"
 
 
 rule report:

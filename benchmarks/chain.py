@@ -153,7 +153,8 @@ def report(df: pd.DataFrame, methods: list[str], command: str, classifiers: Path
         cells = [fmt(df[(df.method == m) & (df.step == step)].miou) for m in methods]
         if step == "upper bound":
             cells = [fmt(ub[ub.index.isin(seeds_done[m])]) for m in methods]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        if any(cells):  # +IRN only when the branch ran (--irn)
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
     ratio = []
     for m in methods:
         seg = df[(df.method == m) & (df.step == "DeepLab")].set_index("seed").miou

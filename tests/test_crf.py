@@ -240,6 +240,25 @@ def test_stage_entry_point(tmp_path: Path, tiny_params: dict) -> None:
     assert json.loads((tmp_path / "t.json").read_text())["images"] == 2
 
 
+def test_stage_map_option_refines_a_host_s_cam_only_seeds_under_a_prototype_method(tmp_path: Path,
+                                                                                   tiny_params: dict) -> None:
+    """AMN's seed files hold only `cam`; with params.method cpal, crf.map auto means pacam: the stage's --map
+    cam (the AMN branch's refine_amn_crf) refines them, and without it the missing map is named."""
+    from cpal.core.config import merge
+    from stages.refine_crf import main
+
+    _, seeds = make_dataset(tmp_path / "data", n=2)
+    params = merge(tiny_params, {"seeds": {"split": "train"}, "crf": {**REFINE, "map": "auto"},
+                                 "params": {"method": "cpal"}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    args = ["--params", str(tmp_path / "p.yaml"), "--data", str(tmp_path / "data"), "--seeds", str(seeds),
+            "--workers", "1", "--timing", str(tmp_path / "t.json"), "--log", str(tmp_path / "log.txt"), "--no-progress"]
+    with pytest.raises(RefineError, match="'pacam'"):
+        main([*args, "--out", str(tmp_path / "without")])
+    assert main([*args, "--out", str(tmp_path / "crf"), "--map", "cam"]) == 0
+    assert len(list((tmp_path / "crf").glob("*.png"))) == 2
+
+
 class DyingDataset(VOCDataset):
     """Kills the worker process (no exception, no cleanup) when it reaches one id."""
 

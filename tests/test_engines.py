@@ -16,12 +16,13 @@ CODE_PREFIXES = ("stages/", "cpal/")
 
 
 BRANCH_IRN = {"ir_labels", "train_irn", "refine_irn", "eval_irn"}  # off the default path (branches/irn/dvc.yaml)
+BRANCH_AMN = {"train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf"}  # branches/amn
 
 
 def snakemake_jobs(*targets: str, extra: tuple[str, ...] = ()) -> dict[str, dict]:
     """Rule name -> command, inputs, outputs, from a forced dry run with printed shell commands (default
-    targets: every rule, the IRN branch included)."""
-    targets = targets or ("all", "results/eval_irn.json")
+    targets: every rule, the IRN and AMN branches included)."""
+    targets = targets or ("all", "results/eval_irn.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json")
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "2", *targets, *extra],
         cwd=ROOT, capture_output=True, text=True, check=True,
@@ -87,6 +88,20 @@ def test_irn_branch_runs_only_when_asked_for_or_needed(tmp_path: Path) -> None:
     root_stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     branch_stages = set(yaml.safe_load((ROOT / "branches" / "irn" / "dvc.yaml").read_text())["stages"])
     assert branch_stages == BRANCH_IRN and root_stages.isdisjoint(BRANCH_IRN)
+
+
+def test_amn_branch_runs_only_when_asked_for_or_needed(tmp_path: Path) -> None:
+    default = snakemake_jobs("all")
+    assert BRANCH_AMN.isdisjoint(default)
+    asked = snakemake_jobs("results/eval_amn_seeds.json")
+    assert {"ir_labels", "train_amn", "make_amn_seeds", "eval_amn_seeds"} <= set(asked)
+    override = tmp_path / "amn.yaml"
+    override.write_text("pseudo:\n  source: amn_crf\n")
+    needed = snakemake_jobs("all", extra=("--configfile", str(override)))
+    assert {"ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf"} <= set(needed)  # pseudo_labels reads them
+    branch_stages = set(yaml.safe_load((ROOT / "branches" / "amn" / "dvc.yaml").read_text())["stages"])
+    root_stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    assert branch_stages == BRANCH_AMN and root_stages.isdisjoint(BRANCH_AMN)
 
 
 def test_same_commands(both: tuple[dict, dict]) -> None:

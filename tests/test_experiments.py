@@ -238,3 +238,27 @@ def test_params_files_read_exponent_floats_as_numbers() -> None:
     from cpal.core.config import load_yaml
 
     assert load_yaml("lr: 1e-3\nclip: 1.0e-5\nn: 10\nq: '1e-3'\n") == {"lr": 1e-3, "clip": 1e-5, "n": 10, "q": "1e-3"}
+
+
+def test_branch_locks_are_merged_so_branch_metrics_can_be_vouched_for(tmp_path: Path) -> None:
+    """IRN's and AMN's stages record into branches/<name>/dvc.lock: the lock reader merges them into the
+    root's, for the workspace and for a committed revision alike."""
+    import subprocess
+
+    from cpal.report.experiments import WORKSPACE, git_lock_reader, host_of
+
+    (tmp_path / "branches" / "amn").mkdir(parents=True)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  data:\n    cmd: x\n")
+    (tmp_path / "branches" / "amn" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train_amn:\n    cmd: y\n")
+    read = git_lock_reader(tmp_path)
+    assert set(read(WORKSPACE)["stages"]) == {"data", "train_amn"}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "locks"], cwd=tmp_path, check=True)
+    assert set(read("HEAD")["stages"]) == {"data", "train_amn"}
+    (tmp_path / "dvc.lock").unlink()  # a branch lock alone still counts
+    assert set(read(WORKSPACE)["stages"]) == {"train_amn"}
+    assert host_of({"params": {"method": "cpal"}, "pseudo": {"source": "crf"}}) == "cpal classifier"
+    assert host_of({"params": {"method": "cam"}, "pseudo": {"source": "amn_crf"},
+                    "amn": {"plugin": "loss"}}) == "amn (plugin loss)"

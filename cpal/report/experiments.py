@@ -43,6 +43,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("seeds_pacam", "results/eval_seeds.json", ("pacam", "miou")),
     Metric("crf", "results/eval_crf.json", ("miou",)),
     Metric("irn", "results/eval_irn.json", ("miou",)),
+    Metric("amn_seeds", "results/eval_amn_seeds.json", ("cam", "miou")),
+    Metric("amn_crf", "results/eval_amn_crf.json", ("miou",)),
     Metric("pseudo", "results/eval_pseudo.json", ("miou",)),
     Metric("deeplab", "results/eval_seg.json", ("miou",)),
     Metric("deeplab_crf", "results/eval_seg.json", ("crf", "miou")),
@@ -63,16 +65,42 @@ WORKSPACE = "workspace"
 
 
 def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
-    """Reads dvc.lock as committed at a revision, or on disk for "workspace" (None where there is none)."""
+    """Reads dvc.lock as committed at a revision, or on disk for "workspace" (None where there is none), with
+    the stages of the branches' own locks (branches/*/dvc.lock: IRN, AMN) merged in, so their metrics can be
+    vouched for like the root's."""
 
-    def read(rev: str) -> dict[str, Any] | None:
+    def show(rev: str, path: str) -> dict[str, Any] | None:
         if rev == WORKSPACE:
-            path = Path(repo) / "dvc.lock"
-            return load_yaml(path.read_text()) if path.is_file() else None
-        out = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True, text=True)
+            file = Path(repo) / path
+            return load_yaml(file.read_text()) if file.is_file() else None
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
         return load_yaml(out.stdout) if out.returncode == 0 else None
 
+    def branch_locks(rev: str) -> list[str]:
+        if rev == WORKSPACE:
+            return sorted(str(p.relative_to(repo)) for p in Path(repo).glob("branches/*/dvc.lock"))
+        out = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "branches"], cwd=repo, capture_output=True,
+                             text=True)
+        return sorted(p for p in out.stdout.split() if p.endswith("/dvc.lock")) if out.returncode == 0 else []
+
+    def read(rev: str) -> dict[str, Any] | None:
+        lock = show(rev, "dvc.lock")
+        for path in branch_locks(rev):
+            branch = show(rev, path)
+            if branch and branch.get("stages"):
+                lock = lock or {"schema": branch.get("schema"), "stages": {}}
+                lock.setdefault("stages", {}).update(branch["stages"])
+        return lock
+
     return read
+
+
+def host_of(params: dict[str, Any]) -> str:
+    """Which network made the pseudo-masks, and where CPAL sits in it: `<method> classifier` or
+    `amn (plugin <amn.plugin>)` when pseudo.source is amn_crf."""
+    if (params.get("pseudo") or {}).get("source") == "amn_crf":
+        return f"amn (plugin {(params.get('amn') or {}).get('plugin')})"
+    return f"{(params.get('params') or {}).get('method')} classifier"
 
 
 def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,6 +206,7 @@ def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], 
         label = f"{name} (committed)" if state == "baseline" else name
         record: dict[str, Any] = {"experiment": label, "rev": "" if state == WORKSPACE else rev[:7],
                                   "baseline": is_base, "state": state}
+        record["host"] = host_of(params)
         record["changed"] = ", ".join(f"{k}={flat.get(k)}" for k in sorted(flat) if flat.get(k) != base_params.get(k))
         record.update({k: flat.get(k) for k in flat})
         stale = []
@@ -197,7 +226,7 @@ def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], 
 
 def swept_params(table: pd.DataFrame) -> list[str]:
     """Params that differ between rows, in params.yaml order."""
-    skip = {"experiment", "rev", "baseline", "state", "changed", "stale"} | {m.label for m in METRICS}
+    skip = {"experiment", "rev", "baseline", "state", "changed", "stale", "host"} | {m.label for m in METRICS}
     return [c for c in table.columns if c not in skip and table[c].astype(str).nunique() > 1]
 
 
@@ -228,7 +257,7 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
 
 
 def to_markdown(table: pd.DataFrame, swept: list[str], header: str) -> str:
-    cols = ["experiment", "rev"] + swept + metric_columns(table) + (["stale"] if table["stale"].any() else [])
+    cols = ["experiment", "rev", "host"] + swept + metric_columns(table) + (["stale"] if table["stale"].any() else [])
     view = table[cols].copy()
     lines = [header.rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in view.iterrows():
