@@ -255,7 +255,7 @@ def _dvc_commands() -> dict[str, str]:
     stages = {}
     for dvc_file in [ROOT / "dvc.yaml", *sorted((ROOT / "branches").glob("*/dvc.yaml"))]:
         stages.update(yaml.safe_load(dvc_file.read_text())["stages"])
-    values = {"data.dir": "data/tiny", "pseudo.source": "crf"}
+    values = {"data.dir": "data/tiny", "pseudo.source": "crf", "amn.seed_threshold": str(TINY["amn"]["seed_threshold"])}
     return {name: re.sub(r"\$\{([\w.]+)\}", lambda m: values[m[1]], stage["cmd"]) for name, stage in stages.items()}
 
 
