@@ -8,7 +8,7 @@ from pathlib import Path
 from cpal.core.io import write_json
 from cpal.crf.refine import refine_with_crf
 from cpal.data.voc import VOCDataset
-from cpal.seeds.store import resolve_map
+from cpal.seeds.store import MAP_KEYS, resolve_map
 from stages.common import parser, start
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder of refined label PNGs (replaced as a whole)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (Snakemake threads)")
     p.add_argument("--timing", required=True, help="JSON of seconds per image")
-    p.add_argument("--map", choices=["cam", "pacam"], default=None,
+    p.add_argument("--map", choices=MAP_KEYS, default=None,
                    help="the seed map to refine (default: crf.map; AMN's seed files hold only cam)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
