@@ -151,3 +151,83 @@ def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) 
     params = {"seg": {"scales": [1.0], "flip": True}, "run": {"device": "cpu"}}
     with pytest.raises(ValueError, match="trained with"):
         recipe.run_one(params, {"epochs": 6}, tmp_path, None, out, logging.getLogger("t"))
+
+
+@pytest.fixture(scope="module")
+def plugin_bench():
+    spec = importlib.util.spec_from_file_location("bench_plugin", ROOT / "benchmarks" / "plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plugin_variants_are_valid_pipeline_settings(plugin_bench, default_params: dict) -> None:
+    """Each AMN column's overrides pass the schema and AMN's check that amn.plugin matches the classifier."""
+    import yaml
+
+    from cpal.amn.train import check_label_source
+    from cpal.core.config import merge, validate_params
+
+    for plugin in (*plugin_bench.PLUGINS, plugin_bench.BANK_OFF):
+        params = validate_params(merge(default_params, yaml.safe_load(plugin_bench.override(plugin, 2))))
+        check_label_source(params)
+        assert params["pseudo"]["source"] == "amn_crf" and params["run"]["seed"] == 2
+        assert params["params"]["context_weight"] == (0.0 if plugin == plugin_bench.BANK_OFF else 0.5)
+    assert plugin_bench.classifier_of("classifier") == "cpal" and plugin_bench.classifier_of("loss") == "cam"
+
+
+def test_plugin_workspace_takes_the_chain_classifier_and_ir_labels_of_its_own_classifier(
+        plugin_bench, tmp_path: Path) -> None:
+    """The chain's classifier and seed maps are copied newer than their inputs (Snakemake by mtime keeps them);
+    IR labels come only from a finished workspace of the same classifier and seed."""
+    import json
+    import os
+
+    chain, work = tmp_path / "chain", tmp_path / "work"
+    for method in ("cam", "cpal"):
+        for part in ("train_cls/model.pt", "seeds/maps/0001.npz"):
+            path = chain / f"{method}_seed0" / "outputs" / part
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(method)
+            os.utime(path, (1, 1))
+    done = work / "amn_classifier_seed0"  # a finished workspace of the cpal classifier
+    (done / "outputs" / "irn" / "ir_labels").mkdir(parents=True)
+    (done / "outputs" / "irn" / "ir_labels" / "0001.png").write_text("cpal labels")
+    (done / ".plugin-done").write_text(json.dumps({"seconds": 1, "classifier": "cpal"}))
+    data = Path("data") / "embedded"
+    (tmp_path / data).mkdir(parents=True)
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        plugin_bench.prepare(work / "amn_none_seed0", "none", 0, data, chain, work)
+        plugin_bench.prepare(work / "amn_both_seed0", "both", 0, data, chain, work)
+        with pytest.raises(FileNotFoundError, match="chain.py"):
+            plugin_bench.prepare(work / "amn_none_seed1", "none", 1, data, chain, work)
+    finally:
+        os.chdir(cwd)
+    none, both = work / "amn_none_seed0", work / "amn_both_seed0"
+    assert (none / "outputs" / "train_cls" / "model.pt").read_text() == "cam"
+    assert (none / "outputs" / "seeds" / "maps" / "0001.npz").stat().st_mtime > 1e9
+    assert not (none / "outputs" / "irn" / "ir_labels").exists()  # the cpal workspace's labels are not its
+    assert (both / "outputs" / "seeds" / "maps" / "0001.npz").read_text() == "cpal"
+    assert (both / "outputs" / "irn" / "ir_labels" / "0001.png").read_text() == "cpal labels"
+    assert (both / "Snakefile").is_file() and (both / data).is_symlink()
+    assert "method: cpal" in (both / "override.yaml").read_text()
+
+
+def test_plugin_table_pairs_by_seed_and_states_the_goals(plugin_bench) -> None:
+    import pandas as pd
+
+    rows = []
+    for seed, (cam, amn, amn_both) in enumerate([(0.40, 0.47, 0.52), (0.42, 0.46, 0.48)]):
+        rows += [{"host": "cam", "plugin": "none", "seed": seed, "step": "seeds", "miou": cam},
+                 {"host": "amn", "plugin": "none", "seed": seed, "step": "seeds", "miou": amn},
+                 {"host": "amn", "plugin": "both", "seed": seed, "step": "seeds", "miou": amn_both},
+                 {"host": "amn", "plugin": "none", "seed": seed, "step": "time:train_amn", "miou": None,
+                  "seconds": 100.0 + seed}]
+    text = plugin_bench.report(pd.DataFrame(rows), "python benchmarks/plugin.py --seeds 0 1", Path("/tmp/c"))
+    assert "| seeds (sweep) | 41.0 ± 1.4 | 46.5 ± 0.7 | 50.0 ± 2.8 |" in text
+    assert ("AMN over plain CAM (amn none minus cam none): seeds (sweep) +5.5 ± 2.1 [+7.0, +4.0, "
+            "goal >= +5: met]") in text
+    assert "(amn both minus amn none): seeds (sweep) +3.5 ± 2.1 [+5.0, +2.0, goal >= +3: met]" in text
+    assert "| train_amn |  | 100 ± 1 |  |" in text

@@ -1,0 +1,296 @@
+"""CPAL as a plug-in, measured: host cam | amn x plugin none | classifier | loss | both x several seeds,
+through seeds, CRF, pseudo-masks and DeepLab. Writes results/plugin.md and results/plugin.csv.
+
+Not a test. The cam host is benchmarks/chain.py's work (its workspaces `cam_seed<N>` and `cpal_seed<N>`
+under --chain-work: plain CAM is plugin none; the CPAL classifier is plugin both, since on this host the
+classifier is the host and CPAL is its L_self and PACAM at once). The amn host runs the AMN branch of the
+pipeline's own Snakefile (`pseudo.source: amn_crf`, so the pseudo-masks and DeepLab come from AMN's maps
+through the CRF) in a fresh copy of the committed tree per (plugin, seed), starting from that seed's chain
+classifier and seed maps (copied, so train_cls and make_seeds do not run again): plugin none and loss
+learn from the CAM classifier's IR labels, classifier and both from the CPAL classifier's. `--bank-off`
+adds `loss, bank off`: plugin loss with `params.context_weight: 0`, i.e. the plug-in's instance prototypes
+only (the support bank is filled but never read), which is what the context part adds inside AMN.
+
+A finished workspace is kept and reused, so an interrupted run continues; the tables are rewritten after
+every workspace.
+
+    python benchmarks/chain.py --methods cam cpal --seeds 0 1 2 --work /tmp/chain/work
+    python benchmarks/plugin.py --chain-work /tmp/chain/work --seeds 0 1 2 --bank-off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from cpal.core.config import load_params
+from cpal.core.io import atomic_path, write_text
+from cpal.core.runtime import machine_description
+from cpal.report.summary import stage_seconds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the siblings, also when loaded by file path
+from suite import fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)
+
+PLUGINS = ("none", "classifier", "loss", "both")
+BANK_OFF = "loss, bank off"
+STEPS = ("seeds", "seeds_fixed", "crf", "pseudo", "deeplab", "deeplab_crf")
+TARGETS = ["results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_pseudo.json",
+           "results/eval_seg.json"]
+AMN_TIMED = ("ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf", "pseudo_labels", "train_seg", "eval_seg")
+CAM_TIMED = ("train_cls", "make_seeds", "refine_crf", "pseudo_labels", "train_seg", "eval_seg")
+# what each cam-host plugin value is in benchmarks/chain.py's terms
+CAM_HOST = {"none": "cam", "both": "cpal"}
+
+
+def classifier_of(plugin: str) -> str:
+    """The classifier (params.method) whose maps make AMN's IR labels."""
+    return "cpal" if plugin in ("classifier", "both") else "cam"
+
+
+def override(plugin: str, seed: int) -> str:
+    amn_plugin = "loss" if plugin == BANK_OFF else plugin
+    lines = [f"params:\n  method: {classifier_of(amn_plugin)}\n"]
+    if plugin == BANK_OFF:
+        lines.append("  context_weight: 0.0\n")
+    lines += [f"run:\n  seed: {seed}\n", f"amn:\n  plugin: {amn_plugin}\n", "pseudo:\n  source: amn_crf\n"]
+    return "".join(lines)
+
+
+def copy_fresh(src: Path, dest: Path) -> None:
+    """A copy whose files are all new (modification time now), so Snakemake by mtime keeps them."""
+    if src.is_dir():
+        shutil.copytree(src, dest, copy_function=shutil.copy)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+
+
+def prepare(ws: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path, work: Path) -> None:
+    """The committed tree, the overrides, the data linked, the chain's classifier and seed maps copied in
+    that order (each newer than its inputs); the IR labels too when another workspace made them already."""
+    method = classifier_of("loss" if plugin == BANK_OFF else plugin)
+    src = chain_work / f"{method}_seed{seed}"
+    if not (src / "outputs" / "seeds" / "maps").is_dir():
+        raise FileNotFoundError(f"--chain-work: no {src / 'outputs/seeds/maps'} (run benchmarks/chain.py "
+                                f"--methods cam cpal --seeds {seed} first)")
+    fresh_copy(ws)
+    (ws / "override.yaml").write_text(override(plugin, seed))
+    link = ws / data_dir
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(data_dir.resolve(), target_is_directory=True)
+    for part in ("train_cls", "seeds"):
+        copy_fresh(src / "outputs" / part, ws / "outputs" / part)
+    for other in sorted(work.glob(f"*_seed{seed}")):
+        labels = other / "outputs" / "irn" / "ir_labels"
+        if other != ws and (other / ".plugin-done").is_file() and labels.is_dir() \
+                and json.loads((other / ".plugin-done").read_text())["classifier"] == method:
+            copy_fresh(labels, ws / "outputs" / "irn" / "ir_labels")
+            break
+
+
+def workspace_name(plugin: str, seed: int) -> str:
+    return f"amn_{plugin.replace(', ', '_').replace(' ', '_')}_seed{seed}"
+
+
+def run_one(work: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path, cores: int) -> Path:
+    ws = work / workspace_name(plugin, seed)
+    done = ws / ".plugin-done"
+    if done.is_file():
+        return ws
+    prepare(ws, plugin, seed, data_dir, chain_work, work)
+    t0 = time.perf_counter()
+    # targets go before --configfile, which takes every following word as a config file
+    subprocess.run([sys.executable, "-m", "snakemake", *TARGETS, "--cores", str(cores), "--rerun-triggers",
+                    "mtime", "--configfile", "override.yaml"], cwd=ws, check=True)
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"seconds": seconds, "classifier": classifier_of(
+        "loss" if plugin == BANK_OFF else plugin)}))
+    print(f"amn {plugin} seed {seed}: {seconds:.0f} s", flush=True)
+    return ws
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def step_rows(results: Path, seeds_file: str, crf_file: str) -> dict[str, float | None]:
+    """mIoU per step of one workspace (fractions)."""
+    seeds = load(results / seeds_file)
+    main = "cam" if "pacam" not in seeds else "pacam"
+    seg = load(results / "eval_seg.json")
+    return {"seeds": seeds[main]["miou"],
+            "seeds_fixed": seeds.get("cam_fixed", {}).get("miou"),
+            "crf": load(results / crf_file)["miou"],
+            "pseudo": load(results / "eval_pseudo.json")["miou"],
+            "deeplab": seg["miou"],
+            "deeplab_crf": (seg.get("crf") or {}).get("miou")}
+
+
+def rows_of(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
+    results, logs = ws / "results", ws / "outputs" / "logs"
+    if host == "amn":
+        values = step_rows(results, "eval_amn_seeds.json", "eval_amn_crf.json")
+        timed = AMN_TIMED
+    else:
+        values = step_rows(results, "eval_seeds.json", "eval_crf.json")
+        timed = CAM_TIMED
+    out = [{"host": host, "plugin": plugin, "seed": seed, "step": step, "miou": v}
+           for step, v in values.items() if v is not None]
+    for stage in timed:
+        secs = stage_seconds(logs / f"{stage}.log")
+        if secs is not None:
+            out.append({"host": host, "plugin": plugin, "seed": seed, "step": f"time:{stage}", "miou": None,
+                        "seconds": secs})
+    full = results / "eval_seg_full.json"
+    if host == "cam" and full.is_file():
+        out.append({"host": "upper bound", "plugin": "", "seed": seed, "step": "deeplab", "miou": load(full)["miou"]})
+    return out
+
+
+PUBLISHED = [  # VOC 2012, ResNet hosts; for scale only (another dataset, backbone and image size)
+    ("cam none", "seeds", "48.3", "IRN (CVPR 2019): CAM seeds, VOC train"),
+    ("amn none", "seeds", "62.1", "AMN (CVPR 2022): AMN seeds at its fixed 0.25, VOC train"),
+    ("amn none", "pseudo-masks", "72.2", "AMN (CVPR 2022): after its second IR-label pass and IRN, VOC train "
+                                          "(users' reruns 70.7-71.7)"),
+    ("amn none", "DeepLab", "about 70", "AMN (CVPR 2022): DeepLab on its masks, VOC val"),
+    ("amn both", "seeds", "65.7", "CPAL (CVPR 2024): AMN + CPAL = AMN's 62.1 + 3.6, VOC train (the +3.6 "
+                                  "is from the paper's summary, not checked against its table)"),
+]
+LABELS = {"seeds": "seeds (sweep)", "seeds_fixed": "seeds at AMN's fixed 0.25", "crf": "+CRF",
+          "pseudo": "pseudo-masks", "deeplab": "DeepLab", "deeplab_crf": "DeepLab+CRF"}
+
+
+def variants(df: pd.DataFrame) -> list[str]:
+    order = [f"cam {p}" for p in CAM_HOST] + [f"amn {p}" for p in (*PLUGINS, BANK_OFF)]
+    have = set(df.variant)
+    return [v for v in order if v in have]
+
+
+def report(df: pd.DataFrame, command: str, chain_work: Path) -> str:
+    """results/plugin.md from the rows: the table per step, the paired differences, time per stage."""
+    from chain import fmt, paired  # the sibling's formatting: mean ± std, per-seed differences
+
+    if "seconds" not in df:
+        df = df.assign(seconds=None)
+    df = df.assign(variant=df.host + " " + df.plugin.fillna(""))
+    runs = df.assign(method=df.variant)  # chain.paired keys on `method`
+    names = variants(df)
+    seeds_of = {v: sorted(df[df.variant == v].seed.unique().tolist()) for v in names}
+    lines = [
+        "# CPAL as a plug-in: the CAM host and the AMN host, without and with CPAL",
+        "",
+        f"Machine: {machine_description()}. Seeds (`run.seed`) per column: "
+        + ", ".join(f"{v} {seeds_of[v]}" for v in names) + ". mIoU in %, mean ± std over the seeds.",
+        "Embedded default (params.yaml at the commit that ran): EfficientNet-Lite0 ImageNet classifier, AMN and",
+        "DeepLab encoder; seeds, +CRF and pseudo-masks on the 800 train images, DeepLab on the 200 val images.",
+        "",
+        "Columns. cam: benchmarks/chain.py's classifiers (`" + chain_work.as_posix() + "`): `none` plain CAM,",
+        "`both` the CPAL classifier (on this host the classifier is the host, so CPAL's L_self and its PACAM",
+        "seeds are one plug-in point). amn: the AMN branch (docs/method.md, \"AMN host\") trained on the IR",
+        "labels of that seed's cam (`none`, `loss`) or cpal (`classifier`, `both`) classifier; `loss` and",
+        "`both` add CPAL's L_self on AMN's features and maps; `loss, bank off` is `loss` with",
+        "`params.context_weight: 0` (instance prototypes only: what the context part adds inside AMN).",
+        "AMN's pseudo-masks are its maps through the CRF (`pseudo.source: amn_crf`, background plane",
+        "`crf.bg_threshold`); AMN's second IR-label pass and IRN are not in the branch, so there is no +IRN step.",
+        "Seeds: the best background threshold of the sweep (picked with ground truth, as papers report seeds);",
+        "the fixed-0.25 row is AMN's own protocol, no ground truth.",
+        "",
+        f"Reproduce: `{command}` (after `python benchmarks/chain.py --methods cam cpal --seeds ... "
+        f"--work {chain_work.as_posix()}`)",
+        "",
+        "| step | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
+    for step, label in LABELS.items():
+        cells = [fmt(df[(df.variant == v) & (df.step == step)].miou) for v in names]
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ub = df[(df.host == "upper bound") & (df.step == "deeplab")].miou
+    if len(ub):
+        lines += ["", f"Upper bound (DeepLab on ground-truth masks, the same recipe; chain's runs): {fmt(ub)} "
+                  f"({len(ub)} seeds)."]
+
+    lines += ["", "## Paired by seed (points, mean ± std over the seeds both have; per seed in brackets)", ""]
+    goals = {("amn none", "cam none", "seeds"): 5.0, ("amn both", "amn none", "seeds"): 3.0,
+             ("amn both", "amn none", "pseudo"): 2.0}
+    pairs = [("amn none", "cam none", "AMN over plain CAM"),
+             ("amn classifier", "amn none", "CPAL's classifier under AMN"),
+             ("amn loss", "amn none", "CPAL's L_self inside AMN"),
+             ("amn both", "amn none", "CPAL at both points on AMN"),
+             ("amn both", "cam both", "AMN over the CPAL classifier"),
+             ("cam both", "cam none", "CPAL on the CAM host"),
+             ("amn loss", "amn loss, bank off", "the context part (bank) inside AMN")]
+    for a, b, what in pairs:
+        if not {a, b} <= set(names):
+            continue
+        cells = []
+        for step in ("seeds", "seeds_fixed", "crf", "pseudo", "deeplab", "deeplab_crf"):
+            gain = paired(runs, (a, step), (b, step))
+            if not len(gain):
+                continue
+            spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
+            goal = goals.get((a, b, step))
+            verdict = "" if goal is None else f", goal >= +{goal:.0f}: {'met' if gain.mean() >= goal else 'NOT met'}"
+            cells.append(f"{LABELS[step]} {gain.mean():+.1f}{spread} "
+                         f"[{', '.join(f'{g:+.1f}' for g in gain)}{verdict}]")
+        lines.append(f"- {what} ({a} minus {b}): " + "; ".join(cells) + ".")
+
+    lines += ["", "## Time per stage (seconds, mean over the seeds; from the stage logs)", "",
+              "| stage | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for stage in dict.fromkeys(CAM_TIMED + AMN_TIMED):
+        cells = [fmt(df[(df.variant == v) & (df.step == f"time:{stage}")].seconds, scale=1.0, digits=0)
+                 for v in names]
+        if any(cells):
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "AMN columns reuse the chain's classifier and seed maps (no train_cls / make_seeds of their own); "
+              "ir_labels runs once per classifier and seed and is copied to the other AMN workspaces of that seed.",
+              "", "## Published, for scale (VOC 2012, ResNet-50/101 at 512 px: not comparable to the numbers above)",
+              "", "| column | step | VOC mIoU | source |", "| --- | --- | --- | --- |"]
+    lines += [f"| {v} | {step} | {value} | {source} |" for v, step, value, source in PUBLISHED]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chain-work", type=Path, required=True,
+                   help="benchmarks/chain.py's --work: cam_seed<N>/ and cpal_seed<N>/ finished")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=PLUGINS)
+    p.add_argument("--bank-off", action="store_true", help="also plugin loss with params.context_weight 0")
+    p.add_argument("--params", default="params.yaml", help="for data.dir (the workspaces use their own copy)")
+    p.add_argument("--work", type=Path, default=Path("outputs/benchmarks/plugin"))
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--out-md", type=Path, default=Path("results/plugin.md"))
+    args = p.parse_args(argv)
+    data_dir = Path(load_params(args.params)["data"]["dir"])
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: the chain's dataset (run `snakemake --cores 1 {data_dir}`)")
+    command = "python benchmarks/plugin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    plugins = list(args.plugins) + ([BANK_OFF] if args.bank_off else [])
+    rows: list[dict] = []
+    for seed in args.seeds:  # seed-major: every variant of one seed before the next seed
+        for plugin, method in CAM_HOST.items():
+            ws = args.chain_work / f"{method}_seed{seed}"
+            if (ws / "results" / "eval_seg.json").is_file():
+                rows += rows_of(ws, "cam", plugin, seed)
+        for plugin in plugins:
+            ws = run_one(args.work, plugin, seed, data_dir, args.chain_work, args.cores)
+            rows += rows_of(ws, "amn", plugin, seed)
+            df = pd.DataFrame(rows)
+            with atomic_path(args.out_md.with_suffix(".csv")) as tmp:
+                df.to_csv(tmp, index=False, float_format="%.5f")
+            write_text(args.out_md, report(df, command, args.chain_work))
+    print(args.out_md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
