@@ -37,14 +37,15 @@ from cpal.core.runtime import machine_description
 from cpal.report.summary import stage_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the siblings, also when loaded by file path
-from suite import fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)
+from suite import ROOT, fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)
 
 PLUGINS = ("none", "classifier", "loss", "both")
 BANK_OFF = "loss, bank off"
-STEPS = ("seeds", "seeds_fixed", "crf", "pseudo", "deeplab", "deeplab_crf")
-TARGETS = ["results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_pseudo.json",
-           "results/eval_seg.json"]
-AMN_TIMED = ("ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf", "pseudo_labels", "train_seg", "eval_seg")
+STEPS = ("seeds", "seeds_fixed", "crf", "irn", "pseudo", "deeplab", "deeplab_crf")
+REFINED = ["results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_amn_irn.json"]
+TARGETS = REFINED + ["results/eval_pseudo.json", "results/eval_seg.json"]
+AMN_TIMED = ("ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf", "amn_ir_labels", "train_amn_irn",
+             "refine_amn_irn", "pseudo_labels", "train_seg", "eval_seg")
 CAM_TIMED = ("train_cls", "make_seeds", "refine_crf", "pseudo_labels", "train_seg", "eval_seg")
 # what each cam-host plugin value is in benchmarks/chain.py's terms
 CAM_HOST = {"none": "cam", "both": "cpal"}
@@ -96,22 +97,42 @@ def prepare(ws: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path, 
             break
 
 
+def targets_of(plugin: str) -> list[str]:
+    """The bank-off ablation stops at the refinements: it asks what the context part adds to AMN's maps."""
+    return REFINED if plugin == BANK_OFF else TARGETS
+
+
+def refresh_code(ws: Path) -> None:
+    """The committed tree's files over a workspace, its outputs, results and data kept: a finished workspace
+    can then run targets added since (Snakemake by mtime reruns nothing it has)."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout.split()
+    keep = [n for n in names if n not in ("results", "outputs", "data")]
+    archive = subprocess.run(["git", "archive", "HEAD", "--", *keep], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(ws)], input=archive, check=True)
+
+
 def workspace_name(plugin: str, seed: int) -> str:
     return f"amn_{plugin.replace(', ', '_').replace(' ', '_')}_seed{seed}"
 
 
 def run_one(work: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path, cores: int) -> Path:
     ws = work / workspace_name(plugin, seed)
-    done = ws / ".plugin-done"
-    if done.is_file():
+    done, targets = ws / ".plugin-done", targets_of(plugin)
+    if done.is_file() and all((ws / t).is_file() for t in targets):
         return ws
-    prepare(ws, plugin, seed, data_dir, chain_work, work)
+    if (ws / "override.yaml").is_file():  # started or finished before: continue where it stopped
+        refresh_code(ws)
+    else:
+        prepare(ws, plugin, seed, data_dir, chain_work, work)
     t0 = time.perf_counter()
     # targets go before --configfile, which takes every following word as a config file
-    subprocess.run([sys.executable, "-m", "snakemake", *TARGETS, "--cores", str(cores), "--rerun-triggers",
-                    "mtime", "--configfile", "override.yaml"], cwd=ws, check=True)
+    subprocess.run([sys.executable, "-m", "snakemake", *targets, "--cores", str(cores), "--rerun-triggers",
+                    "mtime", "--rerun-incomplete", "--configfile", "override.yaml"], cwd=ws, check=True)
     seconds = time.perf_counter() - t0
-    done.write_text(json.dumps({"seconds": seconds, "classifier": classifier_of(
+    before = json.loads(done.read_text())["seconds"] if done.is_file() else 0.0
+    done.write_text(json.dumps({"seconds": before + seconds, "classifier": classifier_of(
         "loss" if plugin == BANK_OFF else plugin)}))
     print(f"amn {plugin} seed {seed}: {seconds:.0f} s", flush=True)
     return ws
@@ -121,26 +142,33 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def step_rows(results: Path, seeds_file: str, crf_file: str) -> dict[str, float | None]:
-    """mIoU per step of one workspace (fractions)."""
-    seeds = load(results / seeds_file)
-    main = "cam" if "pacam" not in seeds else "pacam"
-    seg = load(results / "eval_seg.json")
-    return {"seeds": seeds[main]["miou"],
-            "seeds_fixed": seeds.get("cam_fixed", {}).get("miou"),
-            "crf": load(results / crf_file)["miou"],
-            "pseudo": load(results / "eval_pseudo.json")["miou"],
-            "deeplab": seg["miou"],
-            "deeplab_crf": (seg.get("crf") or {}).get("miou")}
+def step_rows(results: Path, seeds_file: str, crf_file: str, irn_file: str | None) -> dict[str, float | None]:
+    """mIoU per step of one workspace (fractions; None where the step did not run)."""
+    def miou(name: str, *keys: str) -> float | None:
+        path = results / name
+        if not path.is_file():  # a step this column does not run
+            return None
+        value = load(path)
+        for key in keys:
+            value = value.get(key) or {}
+        return value.get("miou")
+
+    return {"seeds": miou(seeds_file, "pacam" if "pacam" in load(results / seeds_file) else "cam"),
+            "seeds_fixed": miou(seeds_file, "cam_fixed"),
+            "crf": miou(crf_file),
+            "irn": miou(irn_file) if irn_file else None,
+            "pseudo": miou("eval_pseudo.json"),
+            "deeplab": miou("eval_seg.json"),
+            "deeplab_crf": miou("eval_seg.json", "crf")}
 
 
 def rows_of(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
     results, logs = ws / "results", ws / "outputs" / "logs"
     if host == "amn":
-        values = step_rows(results, "eval_amn_seeds.json", "eval_amn_crf.json")
+        values = step_rows(results, "eval_amn_seeds.json", "eval_amn_crf.json", "eval_amn_irn.json")
         timed = AMN_TIMED
     else:
-        values = step_rows(results, "eval_seeds.json", "eval_crf.json")
+        values = step_rows(results, "eval_seeds.json", "eval_crf.json", "eval_irn.json")
         timed = CAM_TIMED
     out = [{"host": host, "plugin": plugin, "seed": seed, "step": step, "miou": v}
            for step, v in values.items() if v is not None]
@@ -164,7 +192,7 @@ PUBLISHED = [  # VOC 2012, ResNet hosts; for scale only (another dataset, backbo
     ("amn both", "seeds", "65.7", "CPAL (CVPR 2024): AMN + CPAL = AMN's 62.1 + 3.6, VOC train (the +3.6 "
                                   "is from the paper's summary, not checked against its table)"),
 ]
-LABELS = {"seeds": "seeds (sweep)", "seeds_fixed": "seeds at AMN's fixed 0.25", "crf": "+CRF",
+LABELS = {"seeds": "seeds (sweep)", "seeds_fixed": "seeds at AMN's fixed 0.25", "crf": "+CRF", "irn": "+IRN",
           "pseudo": "pseudo-masks", "deeplab": "DeepLab", "deeplab_crf": "DeepLab+CRF"}
 
 
@@ -197,9 +225,11 @@ def report(df: pd.DataFrame, command: str, chain_work: Path) -> str:
         "seeds are one plug-in point). amn: the AMN branch (docs/method.md, \"AMN host\") trained on the IR",
         "labels of that seed's cam (`none`, `loss`) or cpal (`classifier`, `both`) classifier; `loss` and",
         "`both` add CPAL's L_self on AMN's features and maps; `loss, bank off` is `loss` with",
-        "`params.context_weight: 0` (instance prototypes only: what the context part adds inside AMN).",
-        "AMN's pseudo-masks are its maps through the CRF (`pseudo.source: amn_crf`, background plane",
-        "`crf.bg_threshold`); AMN's second IR-label pass and IRN are not in the branch, so there is no +IRN step.",
+        "`params.context_weight: 0` (instance prototypes only: what the context part adds inside AMN; run",
+        "through the refinements only). AMN's pseudo-masks are its maps through the CRF (`pseudo.source:",
+        "amn_crf`, background plane `crf.bg_threshold`); +IRN is AMN's second pass (its maps -> IR labels at",
+        "planes derived from them, `irn.*: auto` -> IRN -> masks; AMN itself uses 0.45 / 0.15), measured beside",
+        "it and not sent to DeepLab. The cam columns have no +IRN here (the chain ran without --irn).",
         "Seeds: the best background threshold of the sweep (picked with ground truth, as papers report seeds);",
         "the fixed-0.25 row is AMN's own protocol, no ground truth.",
         "",
@@ -232,7 +262,7 @@ def report(df: pd.DataFrame, command: str, chain_work: Path) -> str:
         if not {a, b} <= set(names):
             continue
         cells = []
-        for step in ("seeds", "seeds_fixed", "crf", "pseudo", "deeplab", "deeplab_crf"):
+        for step in LABELS:
             gain = paired(runs, (a, step), (b, step))
             if not len(gain):
                 continue
