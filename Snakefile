@@ -39,7 +39,7 @@ SOURCE_STATE = check_source(config["data"])
 PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
 DATA = config["data"]["dir"]
 REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps",
-           "amn_crf": "outputs/amn_crf/maps"}
+           "amn_crf": "outputs/amn_crf/maps", "amn_irn": "outputs/amn_irn/maps"}
 ENV = "environment.yml"
 
 
@@ -592,6 +592,111 @@ rule eval_amn_crf:
         "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
         "--label amn_crf --metrics {output.metrics} --log {log}"
 
+
+
+# AMN's second pass (AMN: its maps -> IR labels -> IRN -> masks): the IRN stages again, on AMN's maps
+# (`--map cam`: AMN's seed files hold one map), into outputs/amn_irn. `snakemake --cores 2
+# results/eval_amn_irn.json` runs it; `pseudo.source: amn_irn` sends its masks on to DeepLab.
+rule amn_ir_labels:
+    input:
+        data=DATA,
+        seeds="outputs/amn/maps",
+    output:
+        labels=directory("outputs/amn_irn/ir_labels"),
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+    log:
+        "outputs/logs/amn_ir_labels.log",
+    threads: 2
+    resources:
+        mem_mb=3000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.ir_labels --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--out {output.labels} --workers {threads} --map cam --log {log}"
+
+
+rule train_amn_irn:
+    input:
+        data=DATA,
+        labels="outputs/amn_irn/ir_labels",
+        classifier="outputs/train_cls/model.pt",
+    output:
+        model="outputs/amn_irn/model.pt",
+        metrics="outputs/amn_irn/metrics.json",
+        timing="outputs/amn_irn/timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        data=config["data"],
+        train_cls=config["train_cls"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+        run=config["run"],
+    log:
+        "outputs/logs/train_amn_irn.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.train_irn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
+        "--classifier {input.classifier} --out outputs/amn_irn --log {log}"
+
+
+rule refine_amn_irn:
+    input:
+        data=DATA,
+        seeds="outputs/amn/maps",
+        model="outputs/amn_irn/model.pt",
+    output:
+        maps=directory("outputs/amn_irn/maps"),
+        timing="outputs/amn_irn/refine_timing.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+        irn=config["irn"],
+        run=config["run"],
+    log:
+        "outputs/logs/refine_amn_irn.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1 if config["run"]["device"] == "cuda" else 0,
+    conda:
+        ENV
+    shell:
+        "python -m stages.refine_irn --params {params.params_file} --data {input.data} --seeds {input.seeds} "
+        "--irn {input.model} --out {output.maps} --timing {output.timing} --map cam --log {log}"
+
+
+rule eval_amn_irn:
+    input:
+        data=DATA,
+        maps="outputs/amn_irn/maps",
+    output:
+        metrics="results/eval_amn_irn.json",
+    params:
+        params_file=PARAMS,
+        method=config["params"],
+        seeds=config["seeds"],
+    log:
+        "outputs/logs/eval_amn_irn.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        ENV
+    shell:
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
+        "--label amn_irn --metrics {output.metrics} --log {log}"
 
 rule report:
     input:

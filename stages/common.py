@@ -20,6 +20,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_map_argument(p: argparse.ArgumentParser, section: str, choices: tuple[str, ...]) -> None:
+    """``--map``: which seed map a refinement reads, for seed files that hold only one (AMN's hold cam).
+    ``choices``: cpal.seeds.store.MAP_KEYS (passed in, so that this module imports no pipeline phase)."""
+    p.add_argument("--map", choices=choices, default=None,
+                   help=f"the seed map to read (default: {section}.map; AMN's seed files hold only cam)")
+
+
+def with_map(params: dict[str, Any], section: str, map_key: str | None) -> dict[str, Any]:
+    """params with ``section.map`` set to ``map_key`` (None: unchanged)."""
+    if map_key is None:
+        return params
+    return {**params, section: {**params[section], "map": map_key}}
+
+
 def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str, Any]]:
     """Open the stage's log and load validated params; a bad params file exits with status 2.
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from cpal.data.voc import VOCDataset
 from cpal.irn.labels import make_ir_labels
-from cpal.seeds.store import resolve_map
-from stages.common import parser, start
+from cpal.seeds.store import MAP_KEYS, resolve_map
+from stages.common import add_map_argument, parser, start, with_map
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", required=True, help="folder of <id>.npz seed files from make_seeds")
     p.add_argument("--out", required=True, help="folder of <id>.png IR labels (255 = unsure)")
     p.add_argument("--workers", type=int, default=0, help="CRF processes (0: in this process)")
+    add_map_argument(p, "irn", MAP_KEYS)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "ir_labels")
+    params = with_map(params, "irn", args.map)
     dataset = VOCDataset(args.data, params["seeds"]["split"])
     cfg = resolve_map(params["irn"], params["params"]["method"])
     make_ir_labels(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,

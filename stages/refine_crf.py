@@ -9,7 +9,7 @@ from cpal.core.io import write_json
 from cpal.crf.refine import refine_with_crf
 from cpal.data.voc import VOCDataset
 from cpal.seeds.store import MAP_KEYS, resolve_map
-from stages.common import parser, start
+from stages.common import add_map_argument, parser, start, with_map
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,14 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder of refined label PNGs (replaced as a whole)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (Snakemake threads)")
     p.add_argument("--timing", required=True, help="JSON of seconds per image")
-    p.add_argument("--map", choices=MAP_KEYS, default=None,
-                   help="the seed map to refine (default: crf.map; AMN's seed files hold only cam)")
+    add_map_argument(p, "crf", MAP_KEYS)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "refine_crf")
+    params = with_map(params, "crf", args.map)
     dataset = VOCDataset(args.data, params["seeds"]["split"])
-    cfg = resolve_map(params["crf"] if args.map is None else {**params["crf"], "map": args.map},
-                      params["params"]["method"])
+    cfg = resolve_map(params["crf"], params["params"]["method"])
     timing = refine_with_crf(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
                              progress=not args.no_progress)
     write_json(args.timing, timing)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cpal.core.io import write_json
 from cpal.irn.refine import refine_irn
-from stages.common import parser, start
+from cpal.seeds.store import MAP_KEYS
+from stages.common import add_map_argument, parser, start, with_map
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--irn", required=True, help="model.pt from train_irn")
     p.add_argument("--out", required=True, help="folder of <id>.png label maps")
     p.add_argument("--timing", required=True, help="JSON file: seconds per image, peak memory")
+    add_map_argument(p, "irn", MAP_KEYS)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "refine_irn")
+    params = with_map(params, "irn", args.map)
     timing = refine_irn(params, Path(args.data), Path(args.seeds), Path(args.irn), Path(args.out), log,
                         progress=not args.no_progress)
     write_json(args.timing, timing)

@@ -16,13 +16,15 @@ CODE_PREFIXES = ("stages/", "cpal/")
 
 
 BRANCH_IRN = {"ir_labels", "train_irn", "refine_irn", "eval_irn"}  # off the default path (branches/irn/dvc.yaml)
-BRANCH_AMN = {"train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf"}  # branches/amn
+BRANCH_AMN = {"train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf",  # branches/amn
+              "amn_ir_labels", "train_amn_irn", "refine_amn_irn", "eval_amn_irn"}
 
 
 def snakemake_jobs(*targets: str, extra: tuple[str, ...] = ()) -> dict[str, dict]:
     """Rule name -> command, inputs, outputs, from a forced dry run with printed shell commands (default
     targets: every rule, the IRN and AMN branches included)."""
-    targets = targets or ("all", "results/eval_irn.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json")
+    targets = targets or ("all", "results/eval_irn.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json",
+                          "results/eval_amn_irn.json")
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-p", "-F", "--cores", "2", *targets, *extra],
         cwd=ROOT, capture_output=True, text=True, check=True,
@@ -99,6 +101,12 @@ def test_amn_branch_runs_only_when_asked_for_or_needed(tmp_path: Path) -> None:
     override.write_text("pseudo:\n  source: amn_crf\n")
     needed = snakemake_jobs("all", extra=("--configfile", str(override)))
     assert {"ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf"} <= set(needed)  # pseudo_labels reads them
+    assert {"amn_ir_labels", "train_amn_irn", "refine_amn_irn"}.isdisjoint(needed)
+    override.write_text("pseudo:\n  source: amn_irn\n")  # AMN's second pass: its maps -> IR labels -> IRN
+    needed = snakemake_jobs("all", extra=("--configfile", str(override)))
+    assert {"ir_labels", "train_amn", "make_amn_seeds", "amn_ir_labels", "train_amn_irn", "refine_amn_irn"} <= set(
+        needed)
+    assert "outputs/amn/maps" in needed["amn_ir_labels"]["input"]  # AMN's maps, not the classifier's
     branch_stages = set(yaml.safe_load((ROOT / "branches" / "amn" / "dvc.yaml").read_text())["stages"])
     root_stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     assert branch_stages == BRANCH_AMN and root_stages.isdisjoint(BRANCH_AMN)

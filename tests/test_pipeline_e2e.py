@@ -20,12 +20,13 @@ COMPARED = [
     "results/eval_seeds.json", "results/eval_seeds_curve.csv", "outputs/train_cls/metrics.json",
     "results/eval_crf.json", "results/eval_irn.json", "results/eval_pseudo.json", "outputs/seg/metrics.json",
     "results/eval_seg.json", "results/eval_seg_full.json",
-    "outputs/amn/metrics.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json",
+    "outputs/amn/metrics.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_amn_irn.json",
 ]
 STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "ir_labels", "train_irn",
           "refine_irn", "eval_irn", "pseudo_labels", "eval_pseudo",
           "train_seg", "eval_seg", "train_seg_full", "eval_seg_full", "report",
-          "train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf"]
+          "train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf",
+          "amn_ir_labels", "train_amn_irn", "refine_amn_irn", "eval_amn_irn"]
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tiny_workspace(tmp_path_factory.mktemp("smk") / "ws")
     _run([sys.executable, "-m", "snakemake", "--cores", "2", "all", "results/eval_irn.json",  # + the IRN branch
-          "results/eval_amn_seeds.json", "results/eval_amn_crf.json"], ws)  # + the AMN branch
+          "results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_amn_irn.json"], ws)  # + AMN
     return ws
 
 
@@ -73,7 +74,7 @@ def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
         assert (snakemake_run / "outputs" / "logs" / f"{log}.log").stat().st_size > 0
     metrics = json.loads((snakemake_run / "results" / "eval_seeds.json").read_text())
     assert 0 < metrics["cam"]["miou"] <= 1 and 0 < metrics["pacam"]["miou"] <= 1
-    for name in ("eval_crf", "eval_irn", "eval_pseudo", "eval_seg", "eval_seg_full", "eval_amn_crf"):
+    for name in ("eval_crf", "eval_irn", "eval_pseudo", "eval_seg", "eval_seg_full", "eval_amn_crf", "eval_amn_irn"):
         result = json.loads((snakemake_run / "results" / f"{name}.json").read_text())
         assert 0 < result["miou"] <= 1, name
 

@@ -20,7 +20,7 @@ def gpu_rules() -> set[str]:
 def test_slurm_profile_dry_run_routes_gpu_rules_to_the_gpu_partition() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "-F", "all", "results/eval_irn.json", "results/eval_amn_seeds.json",
-         "results/eval_amn_crf.json", "--profile", "profiles/slurm"],
+         "results/eval_amn_crf.json", "results/eval_amn_irn.json", "--profile", "profiles/slurm"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]

@@ -7,8 +7,8 @@ Sources (`cfg['source']`):
   uncertainty band: pixels whose top foreground score lies in [`ignore_low`, `ignore_high`) become 255
   (ignored by the segmentation loss); the band is off when `ignore_high <= ignore_low`. A band around
   `bg_threshold` drops the pixels whose background / foreground call is least sure.
-- `crf` / `irn` / `amn_crf`: the refined label PNGs of that stage (`amn_crf`: AMN's maps through the
-  CRF, the AMN branch), checked (size, class range) and re-written.
+- `crf` / `irn` / `amn_crf` / `amn_irn`: the refined label PNGs of that stage (`amn_*`: AMN's maps through the
+  CRF or IRN, the AMN branch), checked (size, class range) and re-written.
 
 Output: one VOC palette PNG per id (class ids, 255 = uncertain), written to a hidden sibling folder that
 replaces `out_dir` only when every id is done.
@@ -30,7 +30,7 @@ from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset, no_ground_trut
 from cpal.seeds.store import MAP_KEYS, check_complete, labels_from_maps, load_seeds, seed_path
 from cpal.seeds.thresholds import resolve_threshold
 
-SOURCES = ("seeds", "crf", "irn", "amn_crf")
+SOURCES = ("seeds", "crf", "irn", "amn_crf", "amn_irn")
 
 
 class PseudoLabelError(ValueError):

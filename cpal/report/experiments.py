@@ -45,6 +45,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("irn", "results/eval_irn.json", ("miou",)),
     Metric("amn_seeds", "results/eval_amn_seeds.json", ("cam", "miou")),
     Metric("amn_crf", "results/eval_amn_crf.json", ("miou",)),
+    Metric("amn_irn", "results/eval_amn_irn.json", ("miou",)),
     Metric("pseudo", "results/eval_pseudo.json", ("miou",)),
     Metric("deeplab", "results/eval_seg.json", ("miou",)),
     Metric("deeplab_crf", "results/eval_seg.json", ("crf", "miou")),
@@ -97,8 +98,8 @@ def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
 
 def host_of(params: dict[str, Any]) -> str:
     """Which network made the pseudo-masks, and where CPAL sits in it: `<method> classifier` or
-    `amn (plugin <amn.plugin>)` when pseudo.source is amn_crf."""
-    if (params.get("pseudo") or {}).get("source") == "amn_crf":
+    `amn (plugin <amn.plugin>)` when pseudo.source is amn_crf or amn_irn."""
+    if (params.get("pseudo") or {}).get("source") in ("amn_crf", "amn_irn"):
         return f"amn (plugin {(params.get('amn') or {}).get('plugin')})"
     return f"{(params.get('params') or {}).get('method')} classifier"
 
