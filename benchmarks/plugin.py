@@ -162,6 +162,39 @@ def step_rows(results: Path, seeds_file: str, crf_file: str, irn_file: str | Non
             "deeplab_crf": miou("eval_seg.json", "crf")}
 
 
+def class_rows(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
+    """IoU, precision and recall per class of the seeds and the CRF masks: where a host's gain comes from."""
+    results = ws / "results"
+    seeds = load(results / ("eval_amn_seeds.json" if host == "amn" else "eval_seeds.json"))
+    crf = load(results / ("eval_amn_crf.json" if host == "amn" else "eval_crf.json"))
+    out = []
+    for step, d in (("seeds", seeds["pacam" if "pacam" in seeds else "cam"]), ("crf", crf)):
+        for name, iou in d["per_class_iou"].items():
+            out.append({"host": host, "plugin": plugin, "seed": seed, "step": step, "class": name, "iou": iou,
+                        "precision": d["per_class_precision"][name], "recall": d["per_class_recall"][name]})
+    return out
+
+
+def class_table(classes: pd.DataFrame) -> list[str]:
+    """Per class, mean over seeds: IoU (precision / recall) of the seeds and +CRF for the main columns."""
+    classes = classes.assign(variant=classes.host + " " + classes.plugin)
+    cols = [(v, step) for step in ("seeds", "crf") for v in ("cam none", "cam both", "amn none", "amn both")
+            if v in set(classes.variant)]
+    if not cols:
+        return []
+    lines = ["", "## Per class (mean over the seeds): IoU (precision / recall), in %", "",
+             "| class | " + " | ".join(f"{v} {LABELS[step]}" for v, step in cols) + " |",
+             "| --- |" + " --- |" * len(cols)]
+    means = classes.groupby(["variant", "step", "class"], sort=False)[["iou", "precision", "recall"]].mean() * 100
+    for name in classes["class"].unique():
+        cells = []
+        for v, step in cols:
+            r = means.loc[(v, step, name)]
+            cells.append(f"{r.iou:.1f} ({r.precision:.0f} / {r.recall:.0f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def rows_of(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
     results, logs = ws / "results", ws / "outputs" / "logs"
     if host == "amn":
@@ -202,7 +235,7 @@ def variants(df: pd.DataFrame) -> list[str]:
     return [v for v in order if v in have]
 
 
-def report(df: pd.DataFrame, command: str, chain_work: Path) -> str:
+def report(df: pd.DataFrame, command: str, chain_work: Path, classes: pd.DataFrame | None = None) -> str:
     """results/plugin.md from the rows: the table per step, the paired differences, time per stage."""
     from chain import fmt, paired  # the sibling's formatting: mean ± std, per-seed differences
 
@@ -273,6 +306,9 @@ def report(df: pd.DataFrame, command: str, chain_work: Path) -> str:
                          f"[{', '.join(f'{g:+.1f}' for g in gain)}{verdict}]")
         lines.append(f"- {what} ({a} minus {b}): " + "; ".join(cells) + ".")
 
+    if classes is not None and len(classes):
+        lines += class_table(classes)
+
     lines += ["", "## Time per stage (seconds, mean over the seeds; from the stage logs)", "",
               "| stage | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for stage in dict.fromkeys(CAM_TIMED + AMN_TIMED):
@@ -306,18 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/plugin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     plugins = list(args.plugins) + ([BANK_OFF] if args.bank_off else [])
     rows: list[dict] = []
+    per_class: list[dict] = []
     for seed in args.seeds:  # seed-major: every variant of one seed before the next seed
         for plugin, method in CAM_HOST.items():
             ws = args.chain_work / f"{method}_seed{seed}"
             if (ws / "results" / "eval_seg.json").is_file():
                 rows += rows_of(ws, "cam", plugin, seed)
+                per_class += class_rows(ws, "cam", plugin, seed)
         for plugin in plugins:
             ws = run_one(args.work, plugin, seed, data_dir, args.chain_work, args.cores)
             rows += rows_of(ws, "amn", plugin, seed)
-            df = pd.DataFrame(rows)
+            per_class += class_rows(ws, "amn", plugin, seed)
+            df, classes = pd.DataFrame(rows), pd.DataFrame(per_class)
             with atomic_path(args.out_md.with_suffix(".csv")) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.5f")
-            write_text(args.out_md, report(df, command, args.chain_work))
+            with atomic_path(args.out_md.with_name(args.out_md.stem + "_per_class.csv")) as tmp:
+                classes.to_csv(tmp, index=False, float_format="%.5f")
+            write_text(args.out_md, report(df, command, args.chain_work, classes))
     print(args.out_md.read_text())
     return 0
 

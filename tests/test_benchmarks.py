@@ -237,3 +237,7 @@ def test_plugin_table_pairs_by_seed_and_states_the_goals(plugin_bench) -> None:
             "goal >= +5: met]") in text
     assert "(amn both minus amn none): seeds (sweep) +3.5 ± 2.1 [+5.0, +2.0, goal >= +3: met]" in text
     assert "| train_amn |  | 100 ± 1 |  |" in text
+    classes = pd.DataFrame([{"host": "amn", "plugin": "none", "seed": seed, "step": "seeds", "class": "boat",
+                             "iou": 0.2 + 0.1 * seed, "precision": 0.3, "recall": 0.8} for seed in (0, 1)])
+    text = plugin_bench.report(pd.DataFrame(rows), "python benchmarks/plugin.py", Path("/tmp/c"), classes)
+    assert "| class | amn none seeds (sweep) |" in text and "| boat | 25.0 (30 / 80) |" in text
