@@ -178,8 +178,9 @@ def class_rows(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
 def class_table(classes: pd.DataFrame) -> list[str]:
     """Per class, mean over seeds: IoU (precision / recall) of the seeds and +CRF for the main columns."""
     classes = classes.assign(variant=classes.host + " " + classes.plugin)
+    have = set(zip(classes.variant, classes.step, strict=True))
     cols = [(v, step) for step in ("seeds", "crf") for v in ("cam none", "cam both", "amn none", "amn both")
-            if v in set(classes.variant)]
+            if (v, step) in have]
     if not cols:
         return []
     lines = ["", "## Per class (mean over the seeds): IoU (precision / recall), in %", "",
