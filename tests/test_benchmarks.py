@@ -13,12 +13,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def suite():
-    spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "benchmarks" / "suite.py")
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return load_benchmark("suite")
 
 
 def test_covered_seconds_merges_overlaps(suite) -> None:
@@ -112,9 +117,7 @@ def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
     """results/chain.md: means over seeds, gains paired by seed, the upper bound shared by a seed's rows."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("bench_chain", ROOT / "benchmarks" / "chain.py")
-    chain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chain)
+    chain = load_benchmark("chain")
     rows = []
     for seed, (cam_pm, cpal_pm, cpal_seg, ub) in enumerate([(0.50, 0.55, 0.45, 0.50), (0.60, 0.62, 0.40, 0.50)]):
         rows += [{"method": "cam", "seed": seed, "step": "pseudo-masks", "miou": cam_pm},
@@ -140,9 +143,7 @@ def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) 
     other overrides is refused instead of being reported under the new ones."""
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_seg_recipe", ROOT / "benchmarks" / "seg_recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_benchmark("seg_recipe")
     assert recipe.parse_recipe("b8:epochs=6,scales=[1.0, 1.25],batch_size=8") == (
         "b8", {"epochs": 6, "scales": [1.0, 1.25], "batch_size": 8})
     out = tmp_path / "b8" / "gt"
@@ -155,10 +156,7 @@ def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def plugin_bench():
-    spec = importlib.util.spec_from_file_location("bench_plugin", ROOT / "benchmarks" / "plugin.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("plugin")
 
 
 def test_plugin_variants_are_valid_pipeline_settings(plugin_bench, default_params: dict) -> None:
