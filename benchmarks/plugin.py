@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from cpal.core.config import load_params
 from cpal.core.io import atomic_path, write_text
@@ -136,6 +137,31 @@ def run_one(work: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path
         "loss" if plugin == BANK_OFF else plugin)}))
     print(f"amn {plugin} seed {seed}: {seconds:.0f} s", flush=True)
     return ws
+
+
+def crf_plane_rows(ws: Path, host: str, plugin: str, seed: int, planes: list[float], data_dir: Path) -> list[dict]:
+    """AMN's maps through the CRF at other background planes (`crf.bg_threshold` was chosen on CAM maps): a
+    diagnostic with ground truth, not a setting. Files under outputs/crf_planes/ and results/crf_planes/."""
+    out = []
+    for plane in planes:
+        metrics = ws / "results" / "crf_planes" / f"eval_amn_crf_{plane:g}.json"
+        if not metrics.is_file():
+            folder = ws / "outputs" / "crf_planes" / f"{plane:g}"
+            folder.mkdir(parents=True, exist_ok=True)
+            params = yaml.safe_load((ws / "outputs" / "params.snakemake.yaml").read_text())
+            params["crf"]["bg_threshold"] = plane
+            (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            common = ["--params", str(folder / "params.yaml"), "--data", str(data_dir), "--no-progress"]
+            subprocess.run([sys.executable, "-m", "stages.refine_crf", *common, "--seeds", "outputs/amn/maps",
+                            "--out", str(folder / "maps"), "--workers", "2", "--timing", str(folder / "timing.json"),
+                            "--map", "cam", "--log", str(folder / "refine_crf.log")], cwd=ws, check=True)
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, "-m", "stages.eval_pseudo", *common, "--pseudo", str(folder / "maps"),
+                            "--label", "amn_crf", "--metrics", str(metrics), "--log", str(folder / "eval.log")],
+                           cwd=ws, check=True)
+        out.append({"host": host, "plugin": plugin, "seed": seed, "step": f"crf@{plane:g}",
+                    "miou": load(metrics)["miou"]})
+    return out
 
 
 def load(path: Path) -> dict:
@@ -307,6 +333,18 @@ def report(df: pd.DataFrame, command: str, chain_work: Path, classes: pd.DataFra
                          f"[{', '.join(f'{g:+.1f}' for g in gain)}{verdict}]")
         lines.append(f"- {what} ({a} minus {b}): " + "; ".join(cells) + ".")
 
+    planes = sorted({float(step[4:]) for step in df.step if step.startswith("crf@")})
+    if planes:
+        lines += ["", "## AMN's maps through the CRF at other background planes (a diagnostic, with ground truth)", "",
+                  "`crf.bg_threshold` (0.4 on the embedded default) was chosen on CAM maps. The same maps at other",
+                  "planes, mIoU on train:", "",
+                  "| column | the setting (+CRF) | " + " | ".join(f"plane {t:g}" for t in planes) + " |",
+                  "| --- | --- |" + " --- |" * len(planes)]
+        for v in names:
+            cells = [fmt(df[(df.variant == v) & (df.step == f"crf@{t:g}")].miou) for t in planes]
+            if any(cells):
+                cells.insert(0, fmt(df[(df.variant == v) & (df.step == "crf")].miou))
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
     if classes is not None and len(classes):
         lines += class_table(classes)
 
@@ -332,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--plugins", nargs="+", default=list(PLUGINS), choices=PLUGINS)
     p.add_argument("--bank-off", action="store_true", help="also plugin loss with params.context_weight 0")
+    p.add_argument("--crf-planes", nargs="*", type=float, default=[],
+                   help="diagnostic: AMN's maps (plugin none, both) also through the CRF at these background planes")
     p.add_argument("--params", default="params.yaml", help="for data.dir (the workspaces use their own copy)")
     p.add_argument("--work", type=Path, default=Path("outputs/benchmarks/plugin"))
     p.add_argument("--cores", type=int, default=2)
@@ -354,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             ws = run_one(args.work, plugin, seed, data_dir, args.chain_work, args.cores)
             rows += rows_of(ws, "amn", plugin, seed)
             per_class += class_rows(ws, "amn", plugin, seed)
+            if args.crf_planes and plugin in ("none", "both"):
+                rows += crf_plane_rows(ws, "amn", plugin, seed, args.crf_planes, data_dir)
             df, classes = pd.DataFrame(rows), pd.DataFrame(per_class)
             with atomic_path(args.out_md.with_suffix(".csv")) as tmp:
                 df.to_csv(tmp, index=False, float_format="%.5f")

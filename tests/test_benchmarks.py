@@ -239,3 +239,7 @@ def test_plugin_table_pairs_by_seed_and_states_the_goals(plugin_bench) -> None:
                              "iou": 0.2 + 0.1 * seed, "precision": 0.3, "recall": 0.8} for seed in (0, 1)])
     text = plugin_bench.report(pd.DataFrame(rows), "python benchmarks/plugin.py", Path("/tmp/c"), classes)
     assert "| class | amn none seeds (sweep) |" in text and "| boat | 25.0 (30 / 80) |" in text
+    rows += [{"host": "amn", "plugin": "none", "seed": seed, "step": step, "miou": value}
+             for seed in (0, 1) for step, value in (("crf", 0.5), ("crf@0.6", 0.55 + 0.01 * seed))]
+    text = plugin_bench.report(pd.DataFrame(rows), "python benchmarks/plugin.py", Path("/tmp/c"))
+    assert "| amn none | 50.0 ± 0.0 | 55.5 ± 0.7 |" in text
