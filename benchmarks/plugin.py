@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("outputs/benchmarks/plugin"))
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--out-md", type=Path, default=Path("results/plugin.md"))
+    p.add_argument("--notes", type=Path, default=None, help="a Markdown file appended to the report as written")
     args = p.parse_args(argv)
     data_dir = Path(load_params(args.params)["data"]["dir"])
     if not data_dir.is_dir():
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                 df.to_csv(tmp, index=False, float_format="%.5f")
             with atomic_path(args.out_md.with_name(args.out_md.stem + "_per_class.csv")) as tmp:
                 classes.to_csv(tmp, index=False, float_format="%.5f")
-            write_text(args.out_md, report(df, command, args.chain_work, classes))
+            notes = "" if args.notes is None else "\n" + args.notes.read_text().rstrip() + "\n"
+            write_text(args.out_md, report(df, command, args.chain_work, classes) + notes)
     print(args.out_md.read_text())
     return 0
 
