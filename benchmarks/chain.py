@@ -46,13 +46,18 @@ TIMED = ["make_seeds", "train_cls", "refine_crf", "ir_labels", "train_irn", "ref
          "train_seg", "eval_seg", "train_seg_full", "eval_seg_full"]
 
 
-def prepare(ws: Path, method: str, seed: int, data_dir: Path, classifiers: Path | None) -> list[str]:
-    """A fresh copy of the committed tree with the overrides; returns extra Snakemake arguments."""
+def new_workspace(ws: Path, data_dir: Path, override: str) -> None:
+    """A fresh copy of the committed tree, `override` as its override.yaml, the dataset linked, not copied."""
     fresh_copy(ws)
-    (ws / "override.yaml").write_text(f"params:\n  method: {method}\nrun:\n  seed: {seed}\n")
+    (ws / "override.yaml").write_text(override)
     link = ws / data_dir
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(data_dir.resolve(), target_is_directory=True)
+
+
+def prepare(ws: Path, method: str, seed: int, data_dir: Path, classifiers: Path | None) -> list[str]:
+    """A fresh copy of the committed tree with the overrides; returns extra Snakemake arguments."""
+    new_workspace(ws, data_dir, f"params:\n  method: {method}\nrun:\n  seed: {seed}\n")
     if classifiers is None:
         return []
     src = classifiers / f"{method}_seed{seed}"

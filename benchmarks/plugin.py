@@ -1,5 +1,6 @@
 """CPAL as a plug-in, measured: host cam | amn x plugin none | classifier | loss | both x several seeds,
-through seeds, CRF, pseudo-masks and DeepLab. Writes results/plugin.md and results/plugin.csv.
+through seeds, CRF, AMN's IRN pass, pseudo-masks and DeepLab. Writes results/plugin.md, results/plugin.csv
+and results/plugin_per_class.csv.
 
 Not a test. The cam host is benchmarks/chain.py's work (its workspaces `cam_seed<N>` and `cpal_seed<N>`
 under --chain-work: plain CAM is plugin none; the CPAL classifier is plugin both, since on this host the
@@ -38,11 +39,11 @@ from cpal.core.runtime import machine_description
 from cpal.report.summary import stage_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the siblings, also when loaded by file path
-from suite import ROOT, fresh_copy  # noqa: E402  (the committed tree without results/, outputs/, data/)
+from chain import fmt, new_workspace, paired  # noqa: E402  (workspaces; mean ± std; per-seed differences)
+from suite import extract_tree  # noqa: E402  (the committed tree without results/, outputs/, data/)
 
 PLUGINS = ("none", "classifier", "loss", "both")
 BANK_OFF = "loss, bank off"
-STEPS = ("seeds", "seeds_fixed", "crf", "irn", "pseudo", "deeplab", "deeplab_crf")
 REFINED = ["results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_amn_irn.json"]
 TARGETS = REFINED + ["results/eval_pseudo.json", "results/eval_seg.json"]
 AMN_TIMED = ("ir_labels", "train_amn", "make_amn_seeds", "refine_amn_crf", "amn_ir_labels", "train_amn_irn",
@@ -53,13 +54,13 @@ CAM_HOST = {"none": "cam", "both": "cpal"}
 
 
 def classifier_of(plugin: str) -> str:
-    """The classifier (params.method) whose maps make AMN's IR labels."""
+    """The classifier (params.method) whose maps make AMN's IR labels (bank off: the CAM's, as for loss)."""
     return "cpal" if plugin in ("classifier", "both") else "cam"
 
 
 def override(plugin: str, seed: int) -> str:
     amn_plugin = "loss" if plugin == BANK_OFF else plugin
-    lines = [f"params:\n  method: {classifier_of(amn_plugin)}\n"]
+    lines = [f"params:\n  method: {classifier_of(plugin)}\n"]
     if plugin == BANK_OFF:
         lines.append("  context_weight: 0.0\n")
     lines += [f"run:\n  seed: {seed}\n", f"amn:\n  plugin: {amn_plugin}\n", "pseudo:\n  source: amn_crf\n"]
@@ -78,16 +79,12 @@ def copy_fresh(src: Path, dest: Path) -> None:
 def prepare(ws: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path, work: Path) -> None:
     """The committed tree, the overrides, the data linked, the chain's classifier and seed maps copied in
     that order (each newer than its inputs); the IR labels too when another workspace made them already."""
-    method = classifier_of("loss" if plugin == BANK_OFF else plugin)
+    method = classifier_of(plugin)
     src = chain_work / f"{method}_seed{seed}"
     if not (src / "outputs" / "seeds" / "maps").is_dir():
         raise FileNotFoundError(f"--chain-work: no {src / 'outputs/seeds/maps'} (run benchmarks/chain.py "
                                 f"--methods cam cpal --seeds {seed} first)")
-    fresh_copy(ws)
-    (ws / "override.yaml").write_text(override(plugin, seed))
-    link = ws / data_dir
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(data_dir.resolve(), target_is_directory=True)
+    new_workspace(ws, data_dir, override(plugin, seed))
     for part in ("train_cls", "seeds"):
         copy_fresh(src / "outputs" / part, ws / "outputs" / part)
     for other in sorted(work.glob(f"*_seed{seed}")):
@@ -103,17 +100,6 @@ def targets_of(plugin: str) -> list[str]:
     return REFINED if plugin == BANK_OFF else TARGETS
 
 
-def refresh_code(ws: Path) -> None:
-    """The committed tree's files over a workspace, its outputs, results and data kept: a finished workspace
-    can then run targets added since (Snakemake by mtime reruns nothing it has)."""
-    names = subprocess.run(["git", "ls-tree", "--name-only", "HEAD"], cwd=ROOT, check=True, capture_output=True,
-                           text=True).stdout.split()
-    keep = [n for n in names if n not in ("results", "outputs", "data")]
-    archive = subprocess.run(["git", "archive", "HEAD", "--", *keep], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(ws)], input=archive, check=True)
-
-
 def workspace_name(plugin: str, seed: int) -> str:
     return f"amn_{plugin.replace(', ', '_').replace(' ', '_')}_seed{seed}"
 
@@ -123,8 +109,8 @@ def run_one(work: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path
     done, targets = ws / ".plugin-done", targets_of(plugin)
     if done.is_file() and all((ws / t).is_file() for t in targets):
         return ws
-    if (ws / "override.yaml").is_file():  # started or finished before: continue where it stopped
-        refresh_code(ws)
+    if (ws / "override.yaml").is_file():  # started or finished before: continue with today's code, outputs kept
+        extract_tree(ws)
     else:
         prepare(ws, plugin, seed, data_dir, chain_work, work)
     t0 = time.perf_counter()
@@ -133,8 +119,7 @@ def run_one(work: Path, plugin: str, seed: int, data_dir: Path, chain_work: Path
                     "mtime", "--rerun-incomplete", "--configfile", "override.yaml"], cwd=ws, check=True)
     seconds = time.perf_counter() - t0
     before = json.loads(done.read_text())["seconds"] if done.is_file() else 0.0
-    done.write_text(json.dumps({"seconds": before + seconds, "classifier": classifier_of(
-        "loss" if plugin == BANK_OFF else plugin)}))
+    done.write_text(json.dumps({"seconds": before + seconds, "classifier": classifier_of(plugin)}))
     print(f"amn {plugin} seed {seed}: {seconds:.0f} s", flush=True)
     return ws
 
@@ -168,6 +153,11 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def seed_map(seeds: dict) -> str:
+    """The map a seed evaluation is read by: PACAM where the host has one, else the CAM (AMN's maps too)."""
+    return "pacam" if "pacam" in seeds else "cam"
+
+
 def step_rows(results: Path, seeds_file: str, crf_file: str, irn_file: str | None) -> dict[str, float | None]:
     """mIoU per step of one workspace (fractions; None where the step did not run)."""
     def miou(name: str, *keys: str) -> float | None:
@@ -179,7 +169,7 @@ def step_rows(results: Path, seeds_file: str, crf_file: str, irn_file: str | Non
             value = value.get(key) or {}
         return value.get("miou")
 
-    return {"seeds": miou(seeds_file, "pacam" if "pacam" in load(results / seeds_file) else "cam"),
+    return {"seeds": miou(seeds_file, seed_map(load(results / seeds_file))),
             "seeds_fixed": miou(seeds_file, "cam_fixed"),
             "crf": miou(crf_file),
             "irn": miou(irn_file) if irn_file else None,
@@ -194,7 +184,7 @@ def class_rows(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
     seeds = load(results / ("eval_amn_seeds.json" if host == "amn" else "eval_seeds.json"))
     crf = load(results / ("eval_amn_crf.json" if host == "amn" else "eval_crf.json"))
     out = []
-    for step, d in (("seeds", seeds["pacam" if "pacam" in seeds else "cam"]), ("crf", crf)):
+    for step, d in (("seeds", seeds[seed_map(seeds)]), ("crf", crf)):
         for name, iou in d["per_class_iou"].items():
             out.append({"host": host, "plugin": plugin, "seed": seed, "step": step, "class": name, "iou": iou,
                         "precision": d["per_class_precision"][name], "recall": d["per_class_recall"][name]})
@@ -264,8 +254,6 @@ def variants(df: pd.DataFrame) -> list[str]:
 
 def report(df: pd.DataFrame, command: str, chain_work: Path, classes: pd.DataFrame | None = None) -> str:
     """results/plugin.md from the rows: the table per step, the paired differences, time per stage."""
-    from chain import fmt, paired  # the sibling's formatting: mean ± std, per-seed differences
-
     if "seconds" not in df:
         df = df.assign(seconds=None)
     df = df.assign(variant=df.host + " " + df.plugin.fillna(""))

@@ -50,14 +50,24 @@ LOG = logging.getLogger("benchmarks")
 # End to end
 
 
+STALE = ("results", "outputs", "data")  # committed tables and reference run: not a workspace's own
+
+
+def extract_tree(dest: Path) -> None:
+    """The committed tree's files (HEAD) written over `dest`, without results/, outputs/ and data/, so a
+    workspace's own of those stay as they are."""
+    names = subprocess.run(["git", "ls-tree", "--name-only", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout.split()
+    archive = subprocess.run(["git", "archive", "HEAD", "--", *(n for n in names if n not in STALE)], cwd=ROOT,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
 def fresh_copy(dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    for stale in ("results", "outputs", "data"):  # committed tables and reference run: not this run's
-        shutil.rmtree(dest / stale, ignore_errors=True)
+    extract_tree(dest)
     return dest
 
 

@@ -212,7 +212,7 @@ def test_plugin_workspace_takes_the_chain_classifier_and_ir_labels_of_its_own_cl
     assert (both / "Snakefile").is_file() and (both / data).is_symlink()
     assert "method: cpal" in (both / "override.yaml").read_text()
     (both / "Snakefile").write_text("stale")  # a workspace continued later takes the tree's code, keeps its outputs
-    plugin_bench.refresh_code(both)
+    plugin_bench.extract_tree(both)
     assert (both / "Snakefile").read_text() == (ROOT / "Snakefile").read_text()
     assert (both / "outputs" / "irn" / "ir_labels" / "0001.png").read_text() == "cpal labels"
     assert "results/eval_seg.json" not in plugin_bench.targets_of(plugin_bench.BANK_OFF)
