@@ -32,10 +32,11 @@ VOC12 = {
     # Pseudo-masks are made for the split DeepLab trains on; seed mIoU is then reported on train_aug
     # (a superset of VOC train, where the paper reports it; SBD masks are coarser than VOC's).
     "seeds": {"split": "train_aug", "scales": [1.0, 0.5, 1.5, 2.0], "flip": True, "batch_size": 4},
-    "seg": {"backbone": "resnet101", "head": "v2", "init": "imagenet", "optimizer": "sgd", "epochs": 20,
-            "iterations": 20000, "batch_size": 10, "crop_size": 321, "scale_range": [0.5, 1.5], "lr": 2.5e-4,
-            "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5.0e-4, "poly_power": 0.9, "cache_images": False,
-            "train_split": "train_aug", "val_split": "val", "scales": [1.0, 0.75, 0.5], "flip": False},
+    "seg": {"backbone": "resnet101", "head": "v2", "init": "imagenet", "dilated": True, "optimizer": "sgd",
+            "epochs": 20, "iterations": 20000, "batch_size": 10, "crop_size": 321, "scale_range": [0.5, 1.5],
+            "lr": 2.5e-4, "head_lr_mult": 10.0, "momentum": 0.9, "weight_decay": 5.0e-4, "poly_power": 0.9,
+            "cache_images": False, "train_split": "train_aug", "val_split": "val", "scales": [1.0, 0.75, 0.5],
+            "flip": False},
     "irn": {"fg_threshold": 0.30, "bg_threshold": 0.05, "backbone_from": "imagenet", "radius": 10, "crop": 512,
             "batch_size": 32, "epochs": 3, "walk_radius": 5, "exp_times": 8, "sem_seg_bg_thres": 0.25},
     # AMN's own settings (github gaviotas/AMN), its dropout-at-inference quirk included; L_self weighted as SIPE's

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
 import torch
+from torch import nn
 from torchvision.models import WeightsEnum
 
-from cpal.backbone import build_backbone
+from cpal.backbone import build_backbone, undilate
 from cpal.cls.network import CAMNet
 
 N = 4  # foreground classes
@@ -72,6 +74,25 @@ def test_backbone_output_strides(name: str, channels: tuple[int, ...], stem: int
     assert outs[0].shape[1] == net.stem_channels
     assert [tuple(o.shape[2:]) for o in outs[1:]] == [(16, 16), (8, 8), (last, last), (last, last)]
     assert outs[0].shape[-1] == stem  # ResNet's stem ends at stride 4 (max-pool), Lite0's at 2
+
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_undilated_lite0_keeps_stride_and_weights_but_not_the_dilation(stride: int) -> None:
+    """dilated=False: same output stride and state dict (ImageNet weights load alike), no dilated kernel
+    left, a different network (the kernels read other neighbours), and the same as undilating by hand."""
+    torch.manual_seed(0)
+    dilated = build_backbone("efficientnet_lite0", output_stride=stride).eval()
+    plain = build_backbone("efficientnet_lite0", output_stride=stride, dilated=False).eval()
+    plain.load_state_dict(dilated.state_dict())
+    assert any(m.dilation != (1, 1) for m in dilated.modules() if isinstance(m, nn.Conv2d))
+    assert all(m.dilation == (1, 1) for m in plain.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = dilated(x)[-1], plain(x)[-1]
+    assert a.shape == b.shape == (1, 1280, 64 // stride, 64 // stride)
+    assert not torch.allclose(a, b, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(undilate(copy.deepcopy(dilated))(x)[-1], b)
 
 
 def test_backbone_refuses_other_output_strides() -> None:
@@ -271,7 +292,8 @@ def test_batchnorm_folded_into_convolutions_gives_the_same_outputs(kind: str) ->
 
     if kind.startswith("seg_"):
         head = "v3" if kind == "seg_resnet50" else "v2"
-        model = build_segmenter({"backbone": kind[4:], "head": head, "init": "none"}, 5)
+        cfg = {"backbone": kind[4:], "head": head, "init": "none", "dilated": kind[4:] != "resnet18"}
+        model = build_segmenter(cfg, 5)
     else:
         model = build_backbone(kind, pretrained=False, output_stride=16)
     _randomise_batchnorm(model)

@@ -22,7 +22,7 @@ from cpal.seg.predict import main, upsample_argmax
 from cpal.seg.train import seg_meta
 
 CLASSES = ["background", "cat", "dog"]
-SEG_CFG = {"backbone": "resnet18", "head": "v2", "init": "none"}
+SEG_CFG = {"backbone": "resnet18", "head": "v2", "init": "none", "dilated": False}
 
 
 @pytest.fixture(scope="module")

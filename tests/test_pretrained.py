@@ -89,7 +89,8 @@ def test_lite0_loader_refuses_truncated_and_pickled_files(tmp_path: Path) -> Non
 
 
 def test_segmenter_and_classifier_build_pretrained_lite0_on_cpu() -> None:
-    seg = build_segmenter({"backbone": "efficientnet_lite0", "head": "v2", "init": "imagenet"}, 7).eval()
+    cfg = {"backbone": "efficientnet_lite0", "head": "v2", "init": "imagenet", "dilated": True}
+    seg = build_segmenter(cfg, 7).eval()
     with torch.no_grad():
         assert seg(torch.zeros(1, 3, 48, 48)).shape == (1, 7, 48, 48)
     net = CAMNet(3, "efficientnet_lite0", pretrained=True, method_cfg={"method": "sipe"}, output_stride=8,

@@ -54,7 +54,8 @@ def make_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 32, s
 
 def seg_params(**seg) -> dict:
     cfg = {
-        "backbone": "resnet18", "head": "v3", "init": "none", "epochs": 2, "iterations": None, "batch_size": 4,
+        "backbone": "resnet18", "head": "v3", "init": "none", "dilated": False, "epochs": 2, "iterations": None,
+        "batch_size": 4,
         "optimizer": "sgd",
         "crop_size": 32, "scale_range": [0.75, 1.25], "lr": 0.01, "head_lr_mult": 10.0, "momentum": 0.9,
         "weight_decay": 1e-4, "poly_power": 0.9, "class_balanced": False, "amp": True, "cache_images": True,
@@ -88,7 +89,7 @@ def pseudo(data: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("head", ["v3", "v2"])
 def test_resnet18_logits_at_input_resolution(head: str) -> None:
     torch.manual_seed(0)
-    model = build_segmenter({"backbone": "resnet18", "head": head, "init": "none"}, 7)
+    model = build_segmenter({"backbone": "resnet18", "head": head, "init": "none", "dilated": False}, 7)
     out = model(torch.randn(2, 3, 64, 48))
     assert out.shape == (2, 7, 64, 48)
     assert model.output_stride == 16
@@ -98,11 +99,24 @@ def test_resnet18_logits_at_input_resolution(head: str) -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_v2_head_sums_four_dilated_branches() -> None:
+@pytest.mark.parametrize("size", [5, 6, 7, 13, 30])
+def test_v2_head_sums_four_dilated_branches(size: int) -> None:
+    """Below a branch's rate the head takes the 1x1 shortcut: outputs and gradients stay those of the
+    dilated 3x3 convolutions (maps of 5..30 cross every rate)."""
+    torch.manual_seed(0)
     head = ASPPv2(8, 3)
+    for conv in head.branches:  # all nine taps count: a wrong tap would show
+        nn.init.normal_(conv.weight)
     assert [b.dilation for b in head.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
-    x = torch.randn(1, 8, 5, 5)
-    assert torch.allclose(head(x), sum(b(x) for b in head.branches), atol=1e-6)
+    x = torch.randn(2, 8, size, size, requires_grad=True)
+    grad = torch.randn(2, 3, size, size)
+    fast = head(x)
+    fast_grads = torch.autograd.grad(fast, [x, *head.parameters()], grad)
+    slow = sum(b(x) for b in head.branches)
+    slow_grads = torch.autograd.grad(slow, [x, *head.parameters()], grad)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["v3", "v2"])
@@ -111,7 +125,7 @@ def test_resnet50_builds_without_downloading(head: str, monkeypatch: pytest.Monk
         raise AssertionError("weights download attempted")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    model = build_segmenter({"backbone": "resnet50", "head": head, "init": "none"}, 21).eval()
+    model = build_segmenter({"backbone": "resnet50", "head": head, "init": "none", "dilated": True}, 21).eval()
     assert model.output_stride == 8
     with torch.no_grad():
         assert model(torch.randn(1, 3, 33, 40)).shape == (1, 21, 33, 40)
@@ -126,18 +140,26 @@ def test_init_imagenet_asks_for_backbone_weights_only(monkeypatch: pytest.Monkey
         return real(**{**kwargs, "weights_backbone": None})
 
     monkeypatch.setattr(seg_model.segmentation, "deeplabv3_resnet50", spy)
-    build_segmenter({"backbone": "resnet50", "head": "v3", "init": "imagenet"}, 5)
+    build_segmenter({"backbone": "resnet50", "head": "v3", "init": "imagenet", "dilated": True}, 5)
     assert seen["weights"] is None and seen["weights_backbone"] is not None
     assert "IMAGENET" in str(seen["weights_backbone"])
-    build_segmenter({"backbone": "resnet50", "head": "v3", "init": "none"}, 5)
+    build_segmenter({"backbone": "resnet50", "head": "v3", "init": "none", "dilated": True}, 5)
     assert seen["weights_backbone"] is None
 
 
 def test_bad_model_settings_are_named() -> None:
     with pytest.raises(ValueError, match="seg.head = 'v4'"):
-        build_segmenter({"backbone": "resnet18", "head": "v4", "init": "none"}, 3)
+        build_segmenter({"backbone": "resnet18", "head": "v4", "init": "none", "dilated": False}, 3)
     with pytest.raises(KeyError, match="seg.init"):
         build_segmenter({"backbone": "resnet18", "head": "v3"}, 3)
+    with pytest.raises(KeyError, match="seg.dilated"):
+        build_segmenter({"backbone": "resnet18", "head": "v3", "init": "none"}, 3)
+    with pytest.raises(ValueError, match="seg.dilated = true is not available for seg.backbone resnet18"):
+        build_segmenter({"backbone": "resnet18", "head": "v3", "init": "none", "dilated": True}, 3)
+    with pytest.raises(ValueError, match="seg.dilated = false is not available for seg.backbone resnet50"):
+        build_segmenter({"backbone": "resnet50", "head": "v3", "init": "none", "dilated": False}, 3)
+    with pytest.raises(ValueError, match="must be true or false"):
+        build_segmenter({"backbone": "efficientnet_lite0", "head": "v2", "init": "none", "dilated": "no"}, 3)
 
 
 # ---------------------------------------------------------------- data
@@ -282,7 +304,7 @@ class BackgroundModel(nn.Module):
 def test_evaluation_of_an_untrained_model_is_a_valid_miou(data: Path) -> None:
     ds = VOCDataset(data, "val")
     torch.manual_seed(0)
-    model = build_segmenter({"backbone": "resnet18", "head": "v2", "init": "none"}, ds.num_classes)
+    model = build_segmenter({"backbone": "resnet18", "head": "v2", "init": "none", "dilated": False}, ds.num_classes)
     result = evaluate_segmenter(model, ds, seg_params()["seg"], CPU, LOG, progress=False)
     assert 0.0 <= result["miou"] <= 1.0
     assert list(result["per_class"]) == CLASSES and result["crf"] is None
@@ -347,4 +369,7 @@ def test_stages_train_and_evaluate_the_upper_bound(data: Path, tmp_path: Path, t
     other = copy.deepcopy(params["seg"])
     other["head"] = "v2"
     with pytest.raises(CheckpointError, match="head = 'v3'.*head = 'v2'"):
+        load_segmenter(out / "model.pt", other, CLASSES, CPU)
+    other.update(head="v3", dilated=True)  # the architecture's dilation is part of what a checkpoint records
+    with pytest.raises(CheckpointError, match="dilated = False.*dilated = True"):
         load_segmenter(out / "model.pt", other, CLASSES, CPU)

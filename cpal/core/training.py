@@ -34,6 +34,9 @@ def load_for_new_images(path: Path, fmt: int, stage: str, classes: list[str] | N
     if meta.get("format") != fmt:
         raise CheckpointError(f"{path} has checkpoint format {meta.get('format')!r}, but a {stage} model.pt of this "
                               f"code has format {fmt}; is it the {stage} checkpoint?")
+    kind = meta.get("kind", "train_cls")  # train_seg records its kind since format 3; classifiers did not always
+    if kind != stage:
+        raise CheckpointError(f"{path} is a {kind} checkpoint, not a {stage} one; is it the {stage} checkpoint?")
     trained = list(meta.get("classes") or [])
     if classes is not None and trained != list(classes):
         raise CheckpointError(

@@ -56,9 +56,26 @@ def _check(cfg: dict[str, Any], key: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def _dilation(cfg: dict[str, Any], backbone: str) -> bool:
+    """seg.dilated, refused where the backbone has only one form (torchvision's DeepLabV3 ResNets are
+    dilated, the factory's ResNet-18 is not)."""
+    if "dilated" not in cfg:
+        raise KeyError("seg.dilated: missing required key (true | false)")
+    dilated = cfg["dilated"]
+    if not isinstance(dilated, bool):
+        raise ValueError(f"seg.dilated = {dilated!r} must be true or false")
+    fixed = {"resnet18": False, "resnet50": True, "resnet101": True}
+    if backbone in fixed and dilated != fixed[backbone]:
+        raise ValueError(f"seg.dilated = {str(dilated).lower()} is not available for seg.backbone {backbone} "
+                         f"(built {'with' if fixed[backbone] else 'without'} dilation); set it to "
+                         f"{str(fixed[backbone]).lower()}")
+    return dilated
+
+
 def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
     """The DeepLab of params `seg` (backbone, head, init) for `num_classes` classes (background included).
 
+    `dilated` (required): EfficientNet-Lite0 with or without dilated kernels in its last stage.
     ResNet-50/101: torchvision DeepLabV3 at output stride 8 (its head uses rates 12/24/36; v2 uses
     6/12/18/24 as deeplab-pytorch does). ResNet-18 and EfficientNet-Lite0: output stride 16, head rates
     6/12/18 (v3) or 6/12/18/24 (v2): small enough to train on a CPU in a minute.
@@ -69,8 +86,9 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
     if num_classes < 2:
         raise ValueError(f"a segmenter needs at least 2 classes (background + 1), got {num_classes}")
     imagenet = init == "imagenet"
+    dilated = _dilation(cfg, backbone_name)
     if backbone_name in ("resnet18", "efficientnet_lite0"):
-        backbone = build_backbone(backbone_name, pretrained=imagenet)
+        backbone = build_backbone(backbone_name, pretrained=imagenet, dilated=dilated)
         channels, stride, v3_rates = backbone.channels[-1], backbone.output_stride, (6, 12, 18)
     else:
         if backbone_name == "resnet50":

@@ -33,7 +33,7 @@ from cpal.seg.data import SegmentationData, class_balanced_weights
 from cpal.seg.evaluate import evaluate_segmenter
 from cpal.seg.model import Segmenter, build_segmenter, param_groups
 
-CHECKPOINT_FORMAT = 2  # 2: backbone stages as `stages.*` (cpal.backbone)
+CHECKPOINT_FORMAT = 3  # 2: backbone stages as `stages.*` (cpal.backbone); 3: meta records `dilated` and `kind`
 # Keys that only change evaluation: editing them must not invalidate a half-finished training run.
 EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params", "val_every")
 # The per-epoch validation curve (seg.val_every): one scale, no flip, no CRF, so it is cheap; eval_seg reports
@@ -52,9 +52,11 @@ def seg_meta(cfg: dict[str, Any], classes: list[str], labels: str) -> dict[str, 
     """What a DeepLab checkpoint records: architecture, initialisation and what it was trained on."""
     return {
         "format": CHECKPOINT_FORMAT,
+        "kind": "train_seg",  # the classifier's format is 3 too: cpal-predict tells them apart by this
         "backbone": cfg["backbone"],
         "head": cfg["head"],
         "init": cfg["init"],
+        "dilated": cfg["dilated"],
         "num_classes": len(classes),
         "classes": list(classes),
         "labels": labels,
@@ -64,7 +66,7 @@ def seg_meta(cfg: dict[str, Any], classes: list[str], labels: str) -> dict[str, 
 def check_seg_meta(meta: dict[str, Any], cfg: dict[str, Any], classes: list[str], path: Path) -> None:
     """A checkpoint made for another architecture, initialisation or class list is refused with a reason."""
     expected = {"format": CHECKPOINT_FORMAT, "backbone": cfg["backbone"], "head": cfg["head"], "init": cfg["init"],
-                "classes": list(classes)}
+                "dilated": cfg["dilated"], "classes": list(classes)}
     for key, value in expected.items():
         if meta.get(key) != value:
             raise CheckpointError(
