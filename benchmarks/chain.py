@@ -151,8 +151,9 @@ def report(df: pd.DataFrame, methods: list[str], command: str, classifiers: Path
         "",
     ]
     if classifiers is not None:
-        lines += [f"Classifiers: reused from `{classifiers.as_posix()}` (benchmarks/seeds.py, the same train_cls "
-                  "settings), so the train_cls row of the time table is empty.", ""]
+        lines += [f"Classifiers: reused from `{classifiers.as_posix()}` (trained with the same train_cls settings: "
+                  "benchmarks/seeds.py's work folder or an earlier chain's), so the train_cls row of the time table "
+                  "is empty.", ""]
     lines += ["| step | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
     for step in ["seeds", "seeds, own background", *STEPS[1:]]:
         cells = [fmt(df[(df.method == m) & (df.step == step)].miou) for m in methods]

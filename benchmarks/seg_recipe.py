@@ -34,7 +34,7 @@ from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
 from cpal.seg.evaluate import evaluate_segmenter
-from cpal.seg.train import load_segmenter, train_segmenter
+from cpal.seg.train import EVAL_KEYS, load_segmenter, train_segmenter
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
@@ -48,6 +48,11 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a trained model depends on: the seg section without the keys that only change evaluation."""
+    return {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
+
+
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"scales": list(cfg["scales"]), "flip": bool(cfg["flip"])}
 
@@ -56,20 +61,23 @@ def run_one(params: dict[str, Any], overrides: dict[str, Any], data_dir: Path, l
             log: logging.Logger) -> dict[str, Any]:
     """Train (or reuse) one DeepLab and evaluate it with the pipeline's own protocol (eval_seg, no CRF).
 
-    A finished run is reused only if it was trained with the same overrides (else: an error naming both);
-    evaluated under another protocol (params' seg.scales / seg.flip), its saved model is evaluated again.
+    A finished run is reused only if it was trained with the same settings, the whole seg section but its
+    evaluation keys (else: an error naming both), so a recipe keeps its meaning when params.yaml's defaults
+    move; evaluated under another protocol (params' seg.scales / seg.flip), its saved model is evaluated again.
     """
     result_file = out / "result.json"
     cfg = params["seg"]
+    settings = training_settings(cfg)
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if result is not None and result.get("overrides", overrides) != overrides:
-        raise ValueError(f"{out} was trained with {result['overrides']}, not {overrides}: give this recipe "
-                         "another name")
+    if result is not None and result.get("settings") != settings:
+        raise ValueError(f"{out} was trained with seg {result.get('settings')} (overrides {result.get('overrides')}), "
+                         f"not {settings}: give this recipe another name")
     if result is None:
         t0 = time.perf_counter()
         metrics = train_segmenter(params, data_dir, labels_dir, out, log, progress=False)
-        result = {"overrides": overrides, "train_seconds": time.perf_counter() - t0, "steps": metrics["steps"],
-                  "epochs": metrics["epochs"], "curve": [h.get("val_miou") for h in metrics["history"]]}
+        result = {"overrides": overrides, "settings": settings, "train_seconds": time.perf_counter() - t0,
+                  "steps": metrics["steps"], "epochs": metrics["epochs"],
+                  "curve": [h.get("val_miou") for h in metrics["history"]]}
     if result.get("protocol") != eval_protocol(cfg):
         device = resolve_device(params["run"]["device"])
         val = VOCDataset(data_dir, cfg["val_split"])

@@ -140,7 +140,8 @@ def test_chain_table_pairs_by_seed_and_states_the_goals() -> None:
 
 def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) -> None:
     """`name:key=value,key=[a,b]`: a comma inside a list stays in the value; a finished run of that name made with
-    other overrides is refused instead of being reported under the new ones."""
+    other training settings is refused instead of being reported under the new ones, also when the overrides are
+    the same and the base params moved (epochs 5 -> 7 under `{}`); evaluation keys do not count."""
     import json
 
     recipe = load_benchmark("seg_recipe")
@@ -148,10 +149,14 @@ def test_seg_recipe_reads_list_values_and_refuses_a_reused_name(tmp_path: Path) 
         "b8", {"epochs": 6, "scales": [1.0, 1.25], "batch_size": 8})
     out = tmp_path / "b8" / "gt"
     out.mkdir(parents=True)
-    (out / "result.json").write_text(json.dumps({"overrides": {"epochs": 12}, "val_miou": 0.5}))
-    params = {"seg": {"scales": [1.0], "flip": True}, "run": {"device": "cpu"}}
+    trained = {"epochs": 5, "batch_size": 8}
+    result = {"overrides": {}, "settings": trained, "val_miou": 0.5, "protocol": {"scales": [1.0], "flip": True}}
+    (out / "result.json").write_text(json.dumps(result))
+    params = {"seg": {"epochs": 7, "batch_size": 8, "scales": [1.0], "flip": True}, "run": {"device": "cpu"}}
     with pytest.raises(ValueError, match="trained with"):
-        recipe.run_one(params, {"epochs": 6}, tmp_path, None, out, logging.getLogger("t"))
+        recipe.run_one(params, {}, tmp_path, None, out, logging.getLogger("t"))
+    same = {"seg": {**trained, "scales": [1.0], "flip": True, "val_every": 3}, "run": {"device": "cpu"}}
+    assert recipe.run_one(same, {"epochs": 5}, tmp_path, None, out, logging.getLogger("t"))["val_miou"] == 0.5
 
 
 @pytest.fixture(scope="module")
