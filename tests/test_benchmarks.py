@@ -248,3 +248,12 @@ def test_plugin_table_pairs_by_seed_and_states_the_goals(plugin_bench) -> None:
              for seed in (0, 1) for step, value in (("crf", 0.5), ("crf@0.6", 0.55 + 0.01 * seed))]
     text = plugin_bench.report(pd.DataFrame(rows), "python benchmarks/plugin.py", Path("/tmp/c"))
     assert "| amn none | 50.0 ± 0.0 | 55.5 ± 0.7 |" in text
+
+
+def test_seg_step_times_a_step_and_restores_the_shortcut() -> None:
+    """The step timer swaps ASPP-v2's branch for the full convolution only while it measures."""
+    from cpal.backbone import ASPPv2
+
+    before = ASPPv2.__dict__["_branch"]
+    ms = load_benchmark("seg_step").step_ms(dilated=False, shortcut=False, batch=2, crop=32, repeats=1)
+    assert ms > 0 and ASPPv2.__dict__["_branch"] is before
