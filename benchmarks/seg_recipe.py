@@ -34,7 +34,7 @@ from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
 from cpal.seg.evaluate import evaluate_segmenter
-from cpal.seg.train import EVAL_KEYS, load_segmenter, train_segmenter
+from cpal.seg.train import load_segmenter, train_segmenter, training_settings
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
@@ -46,11 +46,6 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
         key, _, value = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides
-
-
-def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a trained model depends on: the seg section without the keys that only change evaluation."""
-    return {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
 
 
 def eval_protocol(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ values); the best of `--repeats` means over 10 steps after 2 warm-up steps, alon
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from cpal.backbone import ASPPv2
 from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
 from cpal.seg.model import build_segmenter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite, also when loaded by file path
+from suite import optimizer_step, timed  # noqa: E402  (one training step as the stages run it; wall times)
 
 
 def _full_branch(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -33,20 +37,13 @@ def step_ms(dilated: bool, shortcut: bool, batch: int, crop: int, repeats: int, 
         torch.manual_seed(0)
         cfg = {"backbone": "efficientnet_lite0", "head": "v2", "init": "imagenet", "dilated": dilated}
         model = channels_last(build_segmenter(cfg, classes)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = channels_last(torch.randn(batch, 3, crop, crop))
         y = torch.randint(0, classes, (batch, crop, crop))
+        step = optimizer_step(lambda: F.cross_entropy(model(x), y), torch.optim.AdamW(model.parameters(), lr=1e-4))
         means = []
         for _ in range(repeats):
-            times = []
-            for _ in range(12):
-                t0 = time.perf_counter()
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                times.append(time.perf_counter() - t0)
-            means.append(sum(times[2:]) / len(times[2:]))
+            times = timed(step, 12)[2:]  # the first two: warm-up
+            means.append(sum(times) / len(times))
         return 1000 * min(means)
     finally:
         ASPPv2._branch = shortcut_branch

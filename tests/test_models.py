@@ -95,6 +95,12 @@ def test_undilated_lite0_keeps_stride_and_weights_but_not_the_dilation(stride: i
         assert torch.equal(undilate(copy.deepcopy(dilated))(x)[-1], b)
 
 
+def test_backbone_refuses_a_dilated_resnet() -> None:
+    with pytest.raises(ValueError, match="without dilation"):
+        build_backbone("resnet18", dilated=True)
+    assert build_backbone("resnet18", dilated=False).output_stride == 16
+
+
 def test_backbone_refuses_other_output_strides() -> None:
     with pytest.raises(ValueError, match="output_stride"):
         build_backbone("resnet18", output_stride=32)

@@ -41,6 +41,12 @@ EVAL_KEYS = ("val_split", "scales", "flip", "crf", "crf_params", "val_every")
 CURVE_PROTOCOL = {"scales": [1.0], "flip": False, "crf": False}
 
 
+def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a trained DeepLab depends on: the seg section without the keys that only change evaluation (the
+    resume fingerprint's part of it; benchmarks/seg_recipe.py reuses a cached run by it)."""
+    return {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
+
+
 def seg_config(params: dict[str, Any]) -> dict[str, Any]:
     """The `seg` section, with a clear error when the params file has none."""
     if "seg" not in params:
@@ -196,8 +202,7 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
     weights = class_balanced_weights(data.class_pixels) if cfg["class_balanced"] else None
     weight_t = torch.from_numpy(weights).to(device) if weights is not None else None
     meta = seg_meta(cfg, train_set.classes, data.source)
-    train_cfg = {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
-    state = loop.resume(config_fingerprint(train_cfg, run["seed"], params.get("data"), data.source,
+    state = loop.resume(config_fingerprint(training_settings(cfg), run["seed"], params.get("data"), data.source,
                                            data.class_pixels.tolist(), train_set.ids))
     start_epoch, step, history = (state["epoch"], state["step"], list(state["history"])) if state else (0, 0, [])
 
