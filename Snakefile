@@ -5,6 +5,7 @@
 #   snakemake --cores 8 --use-conda     # conda users: every rule runs in environment.yml
 #   snakemake --cores 2 --configfile configs/tiny.yaml   # a preset merged over params.yaml
 
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -36,7 +37,8 @@ SOURCE_STATE = check_source(config["data"])
 # overrides) is written here, rewritten only when its content changes, so every stage sees exactly what
 # was validated above. dvc.yaml passes params.yaml itself; the commands are otherwise identical.
 # Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them).
-PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml")
+PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml",
+                               ["params.yaml", *(os.path.relpath(f) for f in workflow.overwrite_configfiles)])
 DATA = config["data"]["dir"]
 REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps",
            "amn_crf": "outputs/amn_crf/maps", "amn_irn": "outputs/amn_irn/maps"}

@@ -233,14 +233,14 @@ def rows_of(ws: Path, host: str, plugin: str, seed: int) -> list[dict]:
     return out
 
 
-PUBLISHED = [  # VOC 2012, ResNet hosts; for scale only (another dataset, backbone and image size)
-    ("cam none", "seeds", "48.3", "IRN (CVPR 2019): CAM seeds, VOC train"),
-    ("amn none", "seeds", "62.1", "AMN (CVPR 2022): AMN seeds at its fixed 0.25, VOC train"),
-    ("amn none", "pseudo-masks", "72.2", "AMN (CVPR 2022): after its second IR-label pass and IRN, VOC train "
-                                          "(users' reruns 70.7-71.7)"),
-    ("amn none", "DeepLab", "about 70", "AMN (CVPR 2022): DeepLab on its masks, VOC val"),
-    ("amn both", "seeds", "65.7", "CPAL (CVPR 2024): AMN + CPAL = AMN's 62.1 + 3.6, VOC train (the +3.6 "
-                                  "is from the paper's summary, not checked against its table)"),
+PUBLISHED = [  # VOC 2012, ResNet hosts; for scale only (another dataset, backbone and image size); docs/published.md
+    ("cam none", "seeds", "48.8", "CAM seeds (IRN's ResNet-50), VOC train: LPCAM (CVPR 2023) Table 2"),
+    ("amn none", "seeds", "62.1", "AMN (CVPR 2022) seeds, VOC train: LPCAM (CVPR 2023) Table 2"),
+    ("amn none", "pseudo-masks", "72.2", "AMN's masks after its second IR-label pass and IRN, VOC train: LPCAM "
+                                          "(CVPR 2023) Table 2 (users' reruns 70.7-71.7: gaviotas/AMN issues 2 and 8)"),
+    ("amn none", "DeepLab", "about 70", "unverified: AMN (CVPR 2022), DeepLab on its masks, VOC val; no table opened"),
+    ("amn both", "seeds", "65.7", "unverified: AMN's 62.1 + the +3.6 a summary of the CPAL paper gives; no CPAL "
+                                  "table opened"),
 ]
 LABELS = {"seeds": "seeds (sweep)", "seeds_fixed": "seeds at AMN's fixed 0.25", "crf": "+CRF", "irn": "+IRN",
           "pseudo": "pseudo-masks", "deeplab": "DeepLab", "deeplab_crf": "DeepLab+CRF"}

@@ -13,11 +13,9 @@ from cpal.core.runtime import machine_description
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
 from cpal.report.gallery import COLUMNS, collect_panels, grid_rows, seed_thresholds, write_gallery
-from cpal.report.summary import collect_rows, markdown, plot_grid, plot_per_class
+from cpal.report.summary import collect_rows, markdown, plot_grid, plot_per_class, reproduce_command
 from cpal.seg.train import load_segmenter
 from stages.common import parser, start
-
-COMMAND = "snakemake --cores 2 results/report.md  (or: dvc repro report)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,16 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log, params = start(args, "report")
     out = Path(args.out)
-    rows = collect_rows(Path(args.results), Path(args.logs), with_irn=False)
-    footer = f"{machine_description()}; one run. Reproduce: {COMMAND}"
     seg_cfg = params["seg"]
-    write_text(out, markdown(rows, params["params"]["method"], machine_description(), COMMAND, seg_cfg["init"]))
+    dataset = VOCDataset(args.data, params["seeds"]["split"])
+    rows = collect_rows(Path(args.results), Path(args.logs), with_irn=False, classes=dataset.classes,
+                        splits={"train": params["seeds"]["split"], "val": seg_cfg["val_split"]})
+    command = reproduce_command(args.params)
+    footer = f"{machine_description()}; one run. Reproduce: {command}"
+    write_text(out, markdown(rows, params["params"]["method"], machine_description(), command, seg_cfg["init"]))
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "per_class"} for r in rows])
     with atomic_path(out.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False, float_format="%.5f")
     plot_per_class(rows, out.with_name(out.stem + "_per_class.png"), footer)
 
-    dataset = VOCDataset(args.data, params["seeds"]["split"])
     device = resolve_device(params["run"]["device"])
     model, _ = load_segmenter(Path(args.seg), seg_cfg, dataset.classes, device)
     shown = dataset.ids[:max(args.grid, params["report"]["gallery_images"])]

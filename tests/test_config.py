@@ -137,3 +137,25 @@ def test_presets_are_up_to_date() -> None:
     spec.loader.exec_module(module)
     for name, text in module.presets(yaml.safe_load((ROOT / "params.yaml").read_text())).items():
         assert (ROOT / "configs" / name).read_text() == text, f"run: python scripts/make_presets.py ({name})"
+
+
+@pytest.mark.parametrize(("preset", "section", "key", "allowed"), [
+    ("voc12.yaml", "seeds", "split", "train_aug, train, val"),
+    ("voc12.yaml", "seg", "val_split", "train_aug, train, val"),
+    ("coco14.yaml", "train_cls", "train_split", "train, val"),
+    ("tiny.yaml", "seg", "train_split", "train, val"),
+])
+def test_a_split_the_source_does_not_write_is_refused(preset: str, section: str, key: str, allowed: str) -> None:
+    """A typo in a preset's split ('trainaug') is named before any work, with the splits the source writes."""
+    params = load_params(ROOT / "configs" / preset)
+    params[section][key] = "trainaug"
+    with pytest.raises(ParamsError, match=rf"{section}\.{key} = 'trainaug' is invalid: data\.source "
+                                          rf"'\w+' writes the splits {allowed}"):
+        validate_params(params)
+
+
+def test_splits_follow_the_sources_own_list() -> None:
+    params = load_params(ROOT / "configs" / "voc12.yaml")
+    params["data"]["voc12"]["splits"] = ["train", "val"]
+    with pytest.raises(ParamsError, match=r"seeds\.split = 'train_aug' is invalid: .* writes the splits train, val"):
+        validate_params(params)

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -122,11 +123,45 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             problems.append(f"{section}.sync_bn = true is invalid with {section}.backbone = 'efficientnet_lite0': "
                             "timm's BatchNormAct2d would lose its activation when converted (use a ResNet or "
                             "sync_bn: false)")
+    problems += _split_checks(params)
     if seeds.get("bg_threshold_min", 0) > seeds.get("bg_threshold_max", 1):
         problems.append(
             f"seeds.bg_threshold_min = {seeds['bg_threshold_min']} is invalid: "
             f"must not exceed seeds.bg_threshold_max = {seeds['bg_threshold_max']}"
         )
+    return problems
+
+
+SPLIT_KEYS = (("train_cls", "train_split"), ("train_cls", "val_split"), ("seeds", "split"), ("seg", "train_split"),
+              ("seg", "val_split"))
+
+
+def source_splits(data: dict[str, Any]) -> tuple[str, ...] | None:
+    """The splits `data.source` writes: the embedded and folder sources train and val; VOC and COCO the
+    data.<source>.splits they are given, else every split the schema allows them (their defaults)."""
+    source = data.get("source")
+    if source in ("embedded", "folder"):
+        return ("train", "val")
+    if source not in ("voc12", "coco14"):
+        return None
+    given = (data.get(source) or {}).get("splits")
+    if given:
+        return tuple(given)
+    schema = load_schema()["properties"]["data"]["properties"][source]["properties"]["splits"]
+    return tuple(schema["items"]["enum"])
+
+
+def _split_checks(params: dict[str, Any]) -> list[str]:
+    """A split no stage can find (a typo in a preset: 'trainaug') fails here, before the data stage runs."""
+    known = source_splits(params.get("data") or {})
+    if known is None:
+        return []
+    problems = []
+    for section, key in SPLIT_KEYS:
+        value = (params.get(section) or {}).get(key)
+        if value is not None and value not in known:
+            problems.append(f"{section}.{key} = {value!r} is invalid: data.source {params['data']['source']!r} "
+                            f"writes the splits {', '.join(known)}")
     return problems
 
 
@@ -184,12 +219,18 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_resolved_params(config: dict[str, Any], path: str) -> str:
+RESOLVED_HEADER = "# Snakemake config merged from:"
+
+
+def write_resolved_params(config: dict[str, Any], path: str, sources: list[str] | None = None) -> str:
     """Write `config` (Snakemake's merged config) to `path` unless it already holds it; return `path`.
 
-    Snakemake's --config/--configfile overrides exist only in memory; stages read a file.
+    Snakemake's --config/--configfile overrides exist only in memory; stages read a file. Its first line
+    names the configfiles merged (``sources``, in order), so the report can quote the command that reproduces
+    the run; the stages read the YAML below it.
     """
-    text = yaml.safe_dump(config, sort_keys=True)
+    header = f"{RESOLVED_HEADER} {shlex.join(sources or ['params.yaml'])}\n"
+    text = header + yaml.safe_dump(config, sort_keys=True)
     target = Path(path)
     if not target.is_file() or target.read_text() != text:
         from cpal.core.io import write_text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,17 +17,20 @@ from typing import Any
 
 import numpy as np
 
-# (stage label, published VOC number, source) - PASCAL VOC 2012, mIoU %, as the papers report them.
+# (stage label, published VOC number, source) - PASCAL VOC 2012, mIoU %, as the papers report them. Each source is
+# one a reader can open (paper and table, or repository and file); a number nobody here could open is labelled
+# unverified and not printed as a reference (docs/published.md lists them all, with what was checked).
 PUBLISHED_VOC = {
-    "CAM seeds": (48.3, "IRN (CVPR 2019), VOC train"),
-    "PACAM seeds": (62.5, "CPAL (CVPR 2024), CAM-based, VOC train"),
-    "PACAM seeds, own background": (58.65, "SIPE (CVPR 2022), its IS-CAM argmax with its own background, VOC train"),
+    "CAM seeds": (48.8, "CAM (IRN's ResNet-50), VOC train: LPCAM (CVPR 2023) Table 2"),
+    "PACAM seeds": (None, "CPAL (CVPR 2024): no table of its CAM-based seeds opened; 62.5 unverified "
+                          "(docs/published.md)"),
+    "PACAM seeds, own background": (58.65, "SIPE (CVPR 2022), VOC train: chenqi1126/SIPE README, localization maps"),
     "+CRF": (None, ""),
-    "+IRN": (66.5, "IRN masks (CVPR 2019), VOC train"),
+    "+IRN": (66.5, "IRN's masks from CAM, VOC train: LPCAM (CVPR 2023) Table 2"),
     "pseudo-masks": (None, ""),
-    "DeepLab": (68.8, "SIPE (CVPR 2022), DeepLab-R101, VOC val; CPAL's 74.5 is CLIP-ES-based (I+L), not comparable"),
+    "DeepLab": (68.8, "SIPE (CVPR 2022), DeepLab-R101, VOC val: chenqi1126/SIPE README, segmentation maps"),
     "DeepLab+CRF": (None, ""),
-    "upper bound": (76.35, "DeepLabV2 fully supervised, VOC val (77.69 with CRF)"),
+    "upper bound": (76.35, "DeepLabV2 fully supervised, VOC val (77.69 with CRF): kazuto1011/deeplab-pytorch README"),
 }
 _TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ")
 
@@ -46,14 +50,29 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect_rows(results: Path, logs: Path, with_irn: bool = True) -> list[dict[str, Any]]:
+def ordered_per_class(per_class: dict[str, Any], classes: list[str] | None) -> dict[str, Any]:
+    """``per_class`` in the dataset's own class order (background first); the eval JSONs are written with sorted
+    keys, which put VOC's background between aeroplane and bicycle. Names the dataset does not list keep their
+    order after it."""
+    if not classes:
+        return dict(per_class)
+    known = {c: per_class[c] for c in classes if c in per_class}
+    return {**known, **{k: v for k, v in per_class.items() if k not in known}}
+
+
+def collect_rows(results: Path, logs: Path, with_irn: bool = True, classes: list[str] | None = None,
+                 splits: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One row per stage that has run: mIoU, per-class IoU, seconds, published VOC reference.
 
+    A row's split is the split its evaluation recorded (VOC's seeds run on train_aug, not train); ``splits``
+    (``{"train": seeds.split, "val": seg.val_split}``) only fills in for a file written before splits were
+    recorded. ``classes`` (the dataset's, background first) orders every per-class dict.
     A stage evaluated without ground truth (your own data without masks) or skipped (the upper bound without
     training masks) gets a row with mIoU None and a `note` saying which, never a made-up number.
     ``with_irn`` False leaves out results/eval_irn.json: the report stage does not depend on the IRN branch
     (off the default path), so a file left there by an earlier run may not belong to this one.
     """
+    splits = {"train": "train", "val": "val", **(splits or {})}
     seeds = _load(results / "eval_seeds.json") or {}
     seg = _load(results / "eval_seg.json")
     full = _load(results / "eval_seg_full.json")
@@ -62,37 +81,63 @@ def collect_rows(results: Path, logs: Path, with_irn: bool = True) -> list[dict[
         if not d:
             return {}
         if "per_class_iou" in d:
-            return d["per_class_iou"]
-        return {k: v["iou"] for k, v in d.get("per_class", {}).items()}
+            return ordered_per_class(d["per_class_iou"], classes)
+        return ordered_per_class({k: v["iou"] for k, v in d.get("per_class", {}).items()}, classes)
 
+    # (label, evaluation, the file that holds its split, stage whose log times it, side)
     entries = [
-        ("CAM seeds", seeds.get("cam"), "make_seeds", "train"),
-        ("PACAM seeds", seeds.get("pacam"), "make_seeds", "train"),
-        ("PACAM seeds, own background", seeds.get("pacam_argmax"), "make_seeds", "train"),
-        ("+CRF", _load(results / "eval_crf.json"), "refine_crf", "train"),
-        ("+IRN", _load(results / "eval_irn.json") if with_irn else None, "refine_irn", "train"),
-        ("pseudo-masks", _load(results / "eval_pseudo.json"), "pseudo_labels", "train"),
-        ("DeepLab", seg, "train_seg", "val"),
-        ("DeepLab+CRF", seg.get("crf") if seg else None, "eval_seg", "val"),
-        ("upper bound", full, "train_seg_full", "val"),
+        ("CAM seeds", seeds.get("cam"), seeds, "make_seeds", "train"),
+        ("PACAM seeds", seeds.get("pacam"), seeds, "make_seeds", "train"),
+        ("PACAM seeds, own background", seeds.get("pacam_argmax"), seeds, "make_seeds", "train"),
+        ("+CRF", _load(results / "eval_crf.json"), None, "refine_crf", "train"),
+        ("+IRN", _load(results / "eval_irn.json") if with_irn else None, None, "refine_irn", "train"),
+        ("pseudo-masks", _load(results / "eval_pseudo.json"), None, "pseudo_labels", "train"),
+        ("DeepLab", seg, None, "train_seg", "val"),
+        ("DeepLab+CRF", seg.get("crf") if seg else None, seg, "eval_seg", "val"),
+        ("upper bound", full, None, "train_seg_full", "val"),
     ]
     rows = []
-    for label, data, stage, split in entries:
+    for label, data, owner, stage, side in entries:
         if not data:
             continue
-        top = seeds if label.endswith("seeds") else data
+        top = owner if owner is not None else data
         note = _note(data, top)
         if data.get("miou") is None and not note:
             continue
         ref, source = PUBLISHED_VOC[label]
-        rows.append({"stage": label, "split": split, "miou": data["miou"], "per_class": per_class(data),
+        rows.append({"stage": label, "split": data.get("split") or top.get("split") or splits[side],
+                     "miou": data["miou"], "per_class": per_class(data),
                      "seconds": stage_seconds(logs / f"{stage}.log"), "voc_published": ref, "voc_source": source,
-                     "note": note})
+                     "note": note, "side": side})
     bound = full["miou"] if full else None
     for row in rows:
-        row["of_upper_bound"] = row["miou"] / bound if bound and row["miou"] is not None and row["split"] == "val" \
+        row["of_upper_bound"] = row["miou"] / bound if bound and row["miou"] is not None and row["side"] == "val" \
             else None
+        del row["side"]
     return rows
+
+
+def reproduce_command(params_file: str | Path, presets: str | Path = "configs") -> str:
+    """The command that reproduces this run, from the params file the stage was given.
+
+    Snakemake hands stages its merged config, whose first line (cpal.core.config.write_resolved_params) names
+    the configfiles it merged; DVC hands them params.yaml itself, named as the preset it equals if it does.
+    """
+    from cpal.core.config import RESOLVED_HEADER, load_yaml
+
+    path = Path(params_file)
+    text = path.read_text() if path.is_file() else ""
+    first = text.splitlines()[0] if text else ""
+    if first.startswith(RESOLVED_HEADER) and path.name != "params.yaml":  # a copy of it run by DVC is DVC's
+        files = [f for f in shlex.split(first[len(RESOLVED_HEADER):]) if f != "params.yaml"]
+        return "snakemake --cores 2" + (" --configfile " + shlex.join(files) if files else "")
+    folder = Path(presets)
+    if text and folder.is_dir():
+        mine = load_yaml(text)
+        for preset in sorted(folder.glob("*.yaml")):
+            if load_yaml(preset.read_text()) == mine:
+                return f"cp {folder.name}/{preset.name} {path.name} && dvc repro report"
+    return "dvc repro report" if path.name == "params.yaml" else f"cp {path} params.yaml && dvc repro report"
 
 
 def _note(data: dict[str, Any], top: dict[str, Any]) -> str:
