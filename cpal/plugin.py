@@ -15,6 +15,7 @@ only, so dataset class ``n`` lives in bank row ``n - 1``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +33,11 @@ EPS = 1e-5
 
 @dataclass(frozen=True)
 class CPALConfig:
-    """The ``params`` section of params.yaml (the CPAL method), validated."""
+    """The ``params`` section of params.yaml (the CPAL method), validated however it is built.
+
+    :class:`ContextPrototypes` reads every field: ``method`` is the default of its ``context`` argument
+    and ``lambda_self`` weighs :attr:`PrototypeOutput.loss`; the rest shape the prototypes and seeds.
+    """
 
     method: str = "cpal"
     K: int = 5
@@ -49,14 +54,22 @@ class CPALConfig:
     seed_bg_scale: float = 1.0
     bank_clusters: int = 0
 
+    def __post_init__(self) -> None:
+        """Built directly, a config gets the check a mapping gets (the params schema, the same messages
+        naming the key): temperature 0 would otherwise turn the PACAM NaN once the bank fills."""
+        from cpal.core.config import validate_section
+
+        validate_section("params", asdict(self), source="CPALConfig")
+
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any] | None, where: str = "params") -> CPALConfig:
-        """Missing keys take the defaults above; the result is checked against the params schema."""
+    def from_dict(cls, cfg: Mapping[str, Any] | None, where: str = "params") -> CPALConfig:
+        """Missing keys take the defaults above; the result is checked against the params schema (here
+        first, so that an unknown key is named by the schema rather than a TypeError)."""
         from cpal.core.config import validate_section
 
         if cfg is None:
             cfg = {}
-        if not isinstance(cfg, dict):
+        if not isinstance(cfg, Mapping):
             raise TypeError(f"{where}: expected a mapping, got {type(cfg).__name__}")
         merged = {**asdict(cls()), **cfg}
         validate_section("params", merged, source=where)
@@ -401,7 +414,8 @@ class PrototypeOutput:
     cam (B, N+1, h, w): the host's CAM with background at channel 0, normalised, absent classes zeroed;
     pacam (B, N+1, h, w): the PACAM M~, normalised; raw_pacam: the same before normalisation (seed
     generators sum it over scales); seeds (B, h, w) long, -1 on invalid pixels; prototypes (B, N+1, C)
-    the instance prototypes and ok (B, N+1) where they exist; loss_self: L_self (a scalar tensor).
+    the instance prototypes and ok (B, N+1) where they exist; loss_self: L_self (a scalar tensor); loss:
+    ``cfg.lambda_self * loss_self``, the term a host adds to its own loss.
     """
 
     cam: torch.Tensor
@@ -411,19 +425,23 @@ class PrototypeOutput:
     prototypes: torch.Tensor
     ok: torch.Tensor
     loss_self: torch.Tensor
+    loss: torch.Tensor
 
 
 class ContextPrototypes(nn.Module):
     """CPAL for any CAM host: PACAM and L_self from the host's features, class maps and labels.
 
     ``num_classes`` foreground classes, ``feature_dim`` channels of the feature map the prototypes are
-    pooled from, ``cfg`` the ``params`` section (:class:`CPALConfig` or a mapping). The support bank is
-    a child module (``bank``), so ``state_dict`` of the host carries it. In training mode every call
-    pushes the batch's detached instance prototypes into the bank after computing its PACAM, so a batch
-    never retrieves itself; in eval mode the bank is only read.
+    pooled from, ``cfg`` the ``params`` section (:class:`CPALConfig` or a mapping, validated alike; every
+    key is read, see :class:`CPALConfig`). The support bank is a child module (``bank``), so ``state_dict``
+    of the host carries it. In training mode every call pushes the batch's detached instance prototypes
+    into the bank after computing its PACAM, so a batch never retrieves itself; in eval mode the bank is
+    only read. What it cannot do (a mask or seed features of another shape, ``seed_mode`` structure
+    without seed features, ``method`` cam without an explicit ``context``) is a ValueError before any work.
     """
 
-    def __init__(self, num_classes: int, feature_dim: int, cfg: CPALConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, num_classes: int, feature_dim: int,
+                 cfg: CPALConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if num_classes < 1 or feature_dim < 1:
             raise ValueError(f"ContextPrototypes: num_classes and feature_dim must be >= 1, got "
@@ -438,9 +456,12 @@ class ContextPrototypes(nn.Module):
         ``group`` must then call :meth:`forward` in step (DDP does)."""
         self.bank.group = group
 
-    def check_shapes(self, features: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor) -> None:
-        """A ValueError naming the shapes when the host's tensors do not fit together."""
+    def check_shapes(self, features: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor,
+                     valid: torch.Tensor | None = None, seed_features: torch.Tensor | None = None) -> None:
+        """A ValueError naming every shape that does not fit, before any work: a mask of another shape
+        would otherwise fail deep inside or, as (1, 1, h, w), broadcast over the batch silently."""
         b, n = class_maps.shape[:2] if class_maps.dim() == 4 else (None, None)
+        grid_of = class_maps if class_maps.dim() == 4 else features if features.dim() == 4 else None
         problems = []
         if features.dim() != 4 or features.shape[1] != self.feature_dim:
             problems.append(f"features must be (B, {self.feature_dim}, h, w), got {tuple(features.shape)}")
@@ -451,22 +472,54 @@ class ContextPrototypes(nn.Module):
                             "share batch size and grid (resize one to the other first)")
         if labels.shape != (b if b is not None else labels.shape[0], self.num_classes):
             problems.append(f"labels must be multi-hot (B, N) = ({b}, {self.num_classes}), got {tuple(labels.shape)}")
+        if grid_of is not None:
+            bb, h, w = grid_of.shape[0], *grid_of.shape[2:]
+            if valid is not None and tuple(valid.shape) not in ((bb, h, w), (bb, 1, h, w)):
+                problems.append(f"valid must be (B, h, w) = ({bb}, {h}, {w}) or (B, 1, h, w) = ({bb}, 1, {h}, {w}), "
+                                f"got {tuple(valid.shape)}")
+            if seed_features is not None and (seed_features.dim() != 4 or seed_features.shape[0] != bb
+                                              or tuple(seed_features.shape[2:]) != (h, w)):
+                problems.append(f"seed_features must be (B, C', h, w) = ({bb}, C', {h}, {w}), "
+                                f"got {tuple(seed_features.shape)}")
         if problems:
             raise ValueError("ContextPrototypes: " + "; ".join(problems))
 
+    def check_settings(self, seed_features: torch.Tensor | None, context: bool | None) -> bool:
+        """``context`` as given, else as ``cfg.method`` says; a ValueError where the settings and the call
+        disagree, since the module would otherwise silently do other than asked."""
+        mode = self.cfg.seed_mode
+        if mode == "structure" and seed_features is None:
+            raise ValueError("ContextPrototypes: params.seed_mode = 'structure' needs seed_features (B, C', h, w), "
+                             "the features SIPE's structure-aware seeds correlate; pass them, or set seed_mode: argmax")
+        if mode == "argmax" and seed_features is not None:
+            raise ValueError("ContextPrototypes: seed_features given, but params.seed_mode = 'argmax' takes the "
+                             "CAM's argmax; set seed_mode: structure to use them, or do not pass them")
+        if context is not None:
+            return context
+        if self.cfg.method == "cam":
+            raise ValueError("ContextPrototypes: params.method = 'cam' (L_cls alone) computes no prototypes, so it "
+                             "gives no default for context; set method: sipe | cpal, or pass context=True (CPAL) "
+                             "or context=False (SIPE)")
+        return self.cfg.method == "cpal"
+
     def forward(self, features: torch.Tensor, class_maps: torch.Tensor, labels: torch.Tensor, *,
                 valid: torch.Tensor | None = None, seed_features: torch.Tensor | None = None,
-                context: bool = True, align: bool | None = None) -> PrototypeOutput:
+                context: bool | None = None, align: bool | None = None) -> PrototypeOutput:
         """PACAM and L_self of one batch.
 
         features (B, C, h, w): the host's feature map F (CPAL pools prototypes from it; the paper uses
         hierarchical, per-pixel L2-normalised features). class_maps (B, N, h, w): the host's raw class
         activation maps on the same grid (ReLU and normalisation happen here). labels (B, N) multi-hot.
-        valid (B, 1, h, w) optional: true on real pixels. seed_features (B, C', h, w) optional: SIPE's
-        structure-aware seeds correlate them (``cfg.seed_mode`` structure). ``context`` False gives
-        SIPE (instance prototypes only); ``align`` defaults to ``cfg.use_alignment``.
+        valid optional, (B, h, w) or (B, 1, h, w) on that grid: nonzero on real pixels. seed_features
+        (B, C', h, w) on that grid: SIPE's structure-aware seeds correlate them; required with
+        ``cfg.seed_mode`` structure, refused with argmax. ``context`` False gives SIPE (instance
+        prototypes only), True CPAL; None: as ``cfg.method`` says. ``align`` defaults to
+        ``cfg.use_alignment``.
         """
-        self.check_shapes(features, class_maps, labels)
+        self.check_shapes(features, class_maps, labels, valid, seed_features)
+        context = self.check_settings(seed_features, context)
+        if valid is not None:
+            valid = (valid if valid.dim() == 4 else valid.unsqueeze(1)).bool()
         present = labels > 0.5
         cam = cam_with_background(class_maps, present, valid)
         present_all = F.pad(present, (1, 0), value=True)
@@ -487,4 +540,4 @@ class ContextPrototypes(nn.Module):
             rows, cols = ok[:, 1:].nonzero(as_tuple=True)  # batch order, then class order
             self.bank.push(cols, inst[rows, cols + 1].detach())
         return PrototypeOutput(cam=cam, pacam=pacam, raw_pacam=raw, seeds=seeds, prototypes=inst, ok=ok,
-                               loss_self=loss)
+                               loss_self=loss, loss=self.cfg.lambda_self * loss)

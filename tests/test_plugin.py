@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import re
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import cpal.plugin as plugin
-from cpal.plugin import ContextPrototypes
+from cpal.core.config import load_schema
+from cpal.plugin import ContextPrototypes, CPALConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 N, C = 3, 8
@@ -75,3 +78,106 @@ def test_mismatched_shapes_are_a_value_error_naming_them(change: dict, message: 
     with pytest.raises(ValueError) as err:
         ContextPrototypes(N, C)(**args)
     assert message in str(err.value)
+
+
+# -- refusals: what the module cannot do is a ValueError before any work, naming the key or the shapes ----
+
+
+@pytest.mark.parametrize(("key", "value"), [("K", 0), ("temperature", 0.0), ("metric", "manhattan"),
+                                            ("method", "x"), ("center_features", "yes"), ("bank_clusters", -1)])
+def test_a_config_built_directly_is_checked_like_a_mapping(key: str, value: object):
+    with pytest.raises(ValueError, match=rf"params\.{key}") as direct:
+        CPALConfig(**{key: value})
+    with pytest.raises(ValueError) as mapping:
+        ContextPrototypes(N, C, {key: value})
+    assert str(direct.value).startswith("CPALConfig is invalid:")
+    # the same validation function: the same problem lines, only the source differs
+    assert str(direct.value).split("\n", 1)[1] == str(mapping.value).split("\n", 1)[1]
+
+
+def test_a_config_built_directly_gets_the_cross_key_checks_too():
+    with pytest.raises(ValueError, match=r"params\.K = 5 is invalid: K must not exceed params\.bank_size = 3"):
+        CPALConfig(K=5, bank_size=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 6, 6), (4, 1, 5, 6), (4, 2, 6, 6), (4, 6), (1, 6, 6)])
+def test_a_mask_of_another_shape_is_refused_naming_both(shape: tuple[int, ...]):
+    with pytest.raises(ValueError, match=re.escape(f"valid must be (B, h, w) = (4, 6, 6) or (B, 1, h, w) = "
+                                                   f"(4, 1, 6, 6), got {shape}")):
+        ContextPrototypes(N, C)(*_inputs(), valid=torch.ones(shape, dtype=torch.bool))
+
+
+def test_a_mask_may_be_b_h_w_or_b_1_h_w_bool_or_numeric():
+    module = ContextPrototypes(N, C).eval()
+    valid = torch.ones(4, 6, 6, dtype=torch.bool)
+    valid[:, :, 4:] = False
+    outs = [module(*_inputs(), valid=v) for v in (valid, valid[:, None], valid.float())]
+    for out in outs[1:]:
+        torch.testing.assert_close(out.pacam, outs[0].pacam)
+        assert torch.equal(out.seeds, outs[0].seeds)
+    assert bool((outs[0].seeds[:, :, 4:] == -1).all())
+
+
+def test_structure_seeds_without_seed_features_are_refused():
+    module = ContextPrototypes(N, C, {"seed_mode": "structure"})
+    with pytest.raises(ValueError, match=r"params\.seed_mode = 'structure' needs seed_features"):
+        module(*_inputs())
+    features, maps, labels = _inputs()
+    module(features, maps, labels, seed_features=features)  # given: structure-aware seeds
+
+
+def test_seed_features_with_argmax_seeds_are_refused():
+    features, maps, labels = _inputs()
+    with pytest.raises(ValueError, match=r"seed_features given, but params\.seed_mode = 'argmax'"):
+        ContextPrototypes(N, C)(features, maps, labels, seed_features=features)
+
+
+def test_seed_features_of_another_grid_are_refused_naming_both():
+    features, maps, labels = _inputs()
+    module = ContextPrototypes(N, C, {"seed_mode": "structure"})
+    with pytest.raises(ValueError, match=re.escape("seed_features must be (B, C', h, w) = (4, C', 6, 6), "
+                                                   "got (4, 8, 3, 3)")):
+        module(features, maps, labels, seed_features=features[:, :, :3, :3])
+
+
+def test_method_is_the_default_of_context_and_cam_needs_it_explicit():
+    batch = _inputs(seed=1)
+    trained = ContextPrototypes(N, C, {"bank_size": 4, "K": 2}).train()
+    trained(*_inputs())
+    state = trained.state_dict()
+    maps = {}
+    for method in ("sipe", "cpal"):
+        module = ContextPrototypes(N, C, {"method": method, "bank_size": 4, "K": 2}).eval()
+        module.load_state_dict(state)
+        maps[method] = module(*batch).pacam
+        torch.testing.assert_close(maps[method], module(*batch, context=method == "cpal").pacam)
+    assert not torch.allclose(maps["sipe"], maps["cpal"])
+    cam = ContextPrototypes(N, C, {"method": "cam"})  # built (a host keeps the bank's keys for every method)
+    with pytest.raises(ValueError, match=r"params\.method = 'cam'.*pass context=True"):
+        cam(*batch)
+    cam(*batch, context=True)  # an explicit context is the host's choice (AMN's plug-in: always CPAL)
+
+
+def test_lambda_self_weighs_the_loss_term_the_module_returns():
+    out = ContextPrototypes(N, C, {"lambda_self": 0.25})(*_inputs())
+    torch.testing.assert_close(out.loss, 0.25 * out.loss_self)
+
+
+def test_every_params_key_is_a_setting_and_documented():
+    keys = set(load_schema()["properties"]["params"]["properties"])
+    assert keys == {f.name for f in fields(CPALConfig)}
+    doc = (ROOT / "docs" / "plugin.md").read_text()
+    section = doc.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    assert {k for k in keys if f"`{k}`" not in section} == set()
+
+
+def test_amn_keeps_cpal_context_whatever_params_method_made_its_ir_labels():
+    from cpal.amn.network import AMNNet
+
+    params = {**asdict(CPALConfig()), "method": "cam", "bank_size": 4, "K": 2}  # the whole params section
+    net = AMNNet(N, "resnet18", cpal_cfg=params).train()
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, net.backbone.channels[3], 4, 4, generator=g)
+    logits = torch.randn(2, N + 1, 4, 4, generator=g)
+    out = net.prototypes(feats, logits, torch.ones(2, N))
+    assert out.loss_self.dim() == 0 and int(net.cpal.bank.count.sum()) > 0

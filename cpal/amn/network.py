@@ -100,7 +100,8 @@ class AMNNet(nn.Module):
         feats = F.normalize(self.project(features.detach()), dim=1, eps=1e-5)
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
         seed_features = features if self.cpal.cfg.seed_mode == "structure" else None
-        return self.cpal(feats, probs, labels.to(probs.dtype), seed_features=seed_features)
+        # context=True: amn.plugin loss is CPAL's L_self whichever params.method made the IR labels
+        return self.cpal(feats, probs, labels.to(probs.dtype), seed_features=seed_features, context=True)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor,
                 ir_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
