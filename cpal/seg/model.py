@@ -3,7 +3,8 @@ EfficientNet-Lite0 from the project's backbone factory (the CPU default).
 
 The initialisation is a recorded choice (`init: none | imagenet`): deeplab-pytorch's default starts
 from weights trained on COCO segmentation, which is not weak supervision, so every result says what it
-started from. Weights are never downloaded unless `init: imagenet` asks for them.
+started from. Weights are never downloaded unless `init: imagenet` asks for them; every ResNet's come
+through cpal.backbone's checked loader (a file placed in torch's cache is used offline).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet50_Weights, ResNet101_Weights, segmentation
+from torchvision.models import segmentation
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from cpal.backbone import ASPPv2, build_backbone
+from cpal.backbone import IMAGENET_WEIGHTS, ASPPv2, build_backbone, load_imagenet_weights
 
 SEG_BACKBONES = ("resnet18", "efficientnet_lite0", "resnet50", "resnet101")
 SEG_HEADS = ("v3", "v2")
@@ -91,12 +92,12 @@ def build_segmenter(cfg: dict[str, Any], num_classes: int) -> Segmenter:
         backbone = build_backbone(backbone_name, pretrained=imagenet, dilated=dilated)
         channels, stride, v3_rates = backbone.channels[-1], backbone.output_stride, (6, 12, 18)
     else:
-        if backbone_name == "resnet50":
-            builder, weights = segmentation.deeplabv3_resnet50, ResNet50_Weights.IMAGENET1K_V1
-        else:
-            builder, weights = segmentation.deeplabv3_resnet101, ResNet101_Weights.IMAGENET1K_V1
-        net = builder(weights=None, weights_backbone=weights if imagenet else None, num_classes=num_classes,
-                      aux_loss=False)
+        builder = segmentation.deeplabv3_resnet50 if backbone_name == "resnet50" else segmentation.deeplabv3_resnet101
+        # built without weights, then loaded through the factory's checked loader (the same file, the same
+        # offline error): torchvision's own weights_backbone would fail offline with a bare URLError
+        net = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        if imagenet:
+            load_imagenet_weights(net.backbone, IMAGENET_WEIGHTS[backbone_name], unused=("fc.",))
         backbone, channels, stride, v3_rates = net.backbone, 2048, 8, (12, 24, 36)
     head = DeepLabHead(channels, num_classes, v3_rates) if head_name == "v3" else ASPPv2(channels, num_classes)
     return Segmenter(backbone, head, stride)
