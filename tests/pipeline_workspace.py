@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +34,22 @@ def tiny_workspace(dest: Path) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
     return dest
+
+
+def engine_env() -> dict[str, str]:
+    """The environment the engines run in: this Python's bin first, no PYTHONPATH (stages must import cpal from
+    the workspace itself), a git identity for `dvc exp run`'s commits."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)
+    for who in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{who}_NAME", "t")
+        env.setdefault(f"GIT_{who}_EMAIL", "t@t")
+    return env
+
+
+def run_in(ws: Path, cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run an engine command in ``ws``; a failure shows the end of its output."""
+    res = subprocess.run(cmd, cwd=ws, env=engine_env(), capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from folder_workspace import export_folder
-from pipeline_workspace import tiny_workspace
+from pipeline_workspace import engine_env, run_in, tiny_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 # Outputs that must not depend on the engine (timings and machine-stamped figures excluded).
@@ -32,19 +31,11 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("PYTHONPATH", None)  # stages must import cpal from the workspace itself
-    for who in ("AUTHOR", "COMMITTER"):  # `dvc exp run` commits experiments
-        env.setdefault(f"GIT_{who}_NAME", "t")
-        env.setdefault(f"GIT_{who}_EMAIL", "t@t")
-    return env
+    return engine_env()
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    return res
+    return run_in(cwd, cmd)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,9 @@ def test_rows_carry_the_split_each_evaluation_recorded(tmp_path: Path) -> None:
     md = report.markdown(rows, "cpal", "a machine", "snakemake --cores 2 --configfile configs/voc12.yaml", "imagenet")
     assert "| +CRF | train_aug | 50.0 |" in md and "| train |" not in md
     assert "Reproduce: `snakemake --cores 2 --configfile configs/voc12.yaml`" in md
+    table = md[md.index("Per-class IoU (%):"):].splitlines()
+    assert table[2].startswith("| class | CAM seeds (train_aug) | PACAM seeds (train_aug) | +CRF (train_aug) |")
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[4:8]] == VOC_ORDER
 
 
 def test_split_falls_back_to_the_params_for_files_without_one(tmp_path: Path) -> None:

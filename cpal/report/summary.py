@@ -168,9 +168,10 @@ def markdown(rows: list[dict[str, Any]], method: str, machine: str, command: str
     for r in rows:
         frac = f"{r['of_upper_bound']:.2f}" if r["of_upper_bound"] is not None else ""
         secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
-        ref = f"{r['voc_published']:.1f}" if r["voc_published"] is not None else ""
+        ref = f"{r['voc_published']:g}" if r["voc_published"] is not None else ""
         lines.append(f"| {r['stage']} | {r['split']} | {_miou_cell(r)} | {frac} | {secs} | {ref} | "
                      f"{r['voc_source']} |")
+    lines += per_class_table(rows)
     unscored = [r for r in rows if r["miou"] is None]
     if unscored:
         lines += ["", "**No ground truth.** " + "; ".join(f"{r['stage']} ({r['split']}): {r['note']}" for r in unscored)
@@ -196,6 +197,23 @@ def markdown(rows: list[dict[str, Any]], method: str, machine: str, command: str
     return "\n".join(lines) + "\n"
 
 
+def per_class_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per-class IoU (%) of every scored row, one line per class in the dataset's order
+    (collect_rows ordered them, background first); none when no row has per-class numbers."""
+    scored = [r for r in rows if r["per_class"]]
+    if not scored:
+        return []
+    fullest = max(scored, key=lambda r: len(r["per_class"]))  # seed rows may lack classes no image showed
+    classes = list(dict.fromkeys([*fullest["per_class"], *(c for r in scored for c in r["per_class"])]))
+    lines = ["", "Per-class IoU (%):", "",
+             "| class | " + " | ".join(f"{r['stage']} ({r['split']})" for r in scored) + " |",
+             "| --- |" + " --- |" * len(scored)]
+    for c in classes:
+        cells = [r["per_class"].get(c) for r in scored]
+        lines.append(f"| {c} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+    return lines
+
+
 def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
     import matplotlib
 
@@ -205,7 +223,7 @@ def plot_per_class(rows: list[dict[str, Any]], out: Path, footer: str) -> None:
     from cpal.core.io import atomic_path
 
     rows = [r for r in rows if r["per_class"]]
-    classes = list(rows[0]["per_class"]) if rows else []
+    classes = list(max(rows, key=lambda r: len(r["per_class"]))["per_class"]) if rows else []
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(classes) + 2), 4.2))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
