@@ -12,7 +12,7 @@ sys.path.insert(0, workflow.basedir)
 
 from snakemake.utils import validate  # noqa: E402
 
-from cpal.core.config import validate_params, write_resolved_params  # noqa: E402
+from cpal.core.config import check_splits, validate_params, write_resolved_params  # noqa: E402
 from cpal.core.runtime import hold_run_lock  # noqa: E402
 from cpal.data.sources import check_source  # noqa: E402
 
@@ -27,6 +27,7 @@ report: "report/workflow.rst"
 
 validate(config, "cpal/params.schema.json")
 validate_params(config, source="Snakemake config (params.yaml + overrides)")
+check_splits(config, source="Snakemake config (params.yaml + overrides)")  # a split the data source does not write
 
 # data.source folder: the photo folder, tags CSV and masks are checked now, before any job (an error names the
 # CSV line and the file); their fingerprint is a param of rule data, so editing them reruns it. DVC cannot

@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from cpal.core.config import ParamsError, load_params
@@ -34,8 +35,10 @@ def with_map(params: dict[str, Any], section: str, map_key: str | None) -> dict[
     return {**params, section: {**params[section], "map": map_key}}
 
 
-def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str, Any]]:
-    """Open the stage's log and load validated params; a bad params file exits with status 2.
+def start(args: argparse.Namespace, name: str,
+          check: Callable[[dict[str, Any], str], None] | None = None) -> tuple[logging.Logger, dict[str, Any]]:
+    """Open the stage's log and load validated params; a bad params file exits with status 2, as does one that
+    fails ``check`` (params, source), a stage's own check before any work.
 
     The log's first and last lines ("started", "finished") time the stage for the report. Under torchrun
     (WORLD_SIZE > 1) only rank 0 writes the log file, appending when the stage relaunched itself.
@@ -59,6 +62,8 @@ def start(args: argparse.Namespace, name: str) -> tuple[logging.Logger, dict[str
     sys.excepthook = log_failure
     try:
         params = load_params(args.params)
+        if check is not None:
+            check(params, args.params)
     except ParamsError as exc:
         outcome["failed"] = True
         log.error("%s", exc)

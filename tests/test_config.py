@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpal.core.config import ParamsError, load_params, merge, validate_params, write_resolved_params
+from cpal.core.config import ParamsError, check_splits, load_params, merge, validate_params, write_resolved_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,11 +151,36 @@ def test_a_split_the_source_does_not_write_is_refused(preset: str, section: str,
     params[section][key] = "trainaug"
     with pytest.raises(ParamsError, match=rf"{section}\.{key} = 'trainaug' is invalid: data\.source "
                                           rf"'\w+' writes the splits {allowed}"):
-        validate_params(params)
+        check_splits(params)
 
 
 def test_splits_follow_the_sources_own_list() -> None:
     params = load_params(ROOT / "configs" / "voc12.yaml")
     params["data"]["voc12"]["splits"] = ["train", "val"]
     with pytest.raises(ParamsError, match=r"seeds\.split = 'train_aug' is invalid: .* writes the splits train, val"):
-        validate_params(params)
+        check_splits(params)
+    check_splits(load_params(ROOT / "configs" / "voc12.yaml"))  # the presets as written pass
+
+
+def test_snakemake_refuses_a_split_the_source_does_not_write_before_any_work(tmp_path: Path) -> None:
+    """Snakemake stops at parse time (a dry run too) naming the split; DVC's first stage, data, does the same."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("seeds: {split: trainaug}\nseg: {train_split: trainaug}\n")
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile",
+                          "configs/voc12.yaml", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "seeds.split = 'trainaug' is invalid: data.source 'voc12' writes the splits train_aug, train, val" \
+        in res.stdout + res.stderr
+    from stages.data import main
+
+    params = load_params(ROOT / "configs" / "tiny.yaml")
+    params["seeds"]["split"] = params["seg"]["train_split"] = "trainaug"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as stop:
+        main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "data"),
+              "--log", str(tmp_path / "data.log")])
+    assert stop.value.code == 2 and not (tmp_path / "data").exists()
+    assert "seeds.split = 'trainaug' is invalid" in (tmp_path / "data.log").read_text()

@@ -123,7 +123,6 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             problems.append(f"{section}.sync_bn = true is invalid with {section}.backbone = 'efficientnet_lite0': "
                             "timm's BatchNormAct2d would lose its activation when converted (use a ResNet or "
                             "sync_bn: false)")
-    problems += _split_checks(params)
     if seeds.get("bg_threshold_min", 0) > seeds.get("bg_threshold_max", 1):
         problems.append(
             f"seeds.bg_threshold_min = {seeds['bg_threshold_min']} is invalid: "
@@ -151,18 +150,24 @@ def source_splits(data: dict[str, Any]) -> tuple[str, ...] | None:
     return tuple(schema["items"]["enum"])
 
 
-def _split_checks(params: dict[str, Any]) -> list[str]:
-    """A split no stage can find (a typo in a preset: 'trainaug') fails here, before the data stage runs."""
+def check_splits(params: dict[str, Any], source: str = "params.yaml") -> None:
+    """Refuse a split the data source does not write (a typo in a preset: 'trainaug'), naming the ones it does.
+
+    Run where a run starts (the Snakefile at parse time, the data stage for DVC), not by every stage: a
+    benchmark may add a subset split of its own to a written dataset, and VOCDataset names the splits a
+    dataset holds when one is missing.
+    """
     known = source_splits(params.get("data") or {})
     if known is None:
-        return []
+        return
     problems = []
     for section, key in SPLIT_KEYS:
         value = (params.get(section) or {}).get(key)
         if value is not None and value not in known:
             problems.append(f"{section}.{key} = {value!r} is invalid: data.source {params['data']['source']!r} "
                             f"writes the splits {', '.join(known)}")
-    return problems
+    if problems:
+        raise ParamsError(f"{source} is invalid:\n  - " + "\n  - ".join(problems))
 
 
 def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
