@@ -14,6 +14,7 @@ from snakemake.utils import validate  # noqa: E402
 
 from cpal.core.config import check_splits, validate_params, write_resolved_params  # noqa: E402
 from cpal.core.runtime import hold_run_lock  # noqa: E402
+from cpal.core.slurm import check_job_partitions  # noqa: E402
 from cpal.data.sources import check_source  # noqa: E402
 
 
@@ -49,8 +50,12 @@ ENV = "environment.yml"
 # Snakemake's own lock is not atomic: two runs started together can both take it. This flock is; it is
 # taken before the first job of a real run (never by -n, --unlock or --dag) and dropped when this
 # process ends.
+# On SLURM (--executor slurm, profiles/slurm*): every partition the run's jobs ask for must exist (sinfo),
+# or the run stops here naming it and the rules asking for it, before any sbatch (docs/cluster.md).
 onstart:
     hold_run_lock(".snakemake/cpal-run.lock")
+    if workflow.executor_plugin is not None and workflow.executor_plugin.name == "slurm":
+        check_job_partitions(workflow.dag.needrun_jobs())
 
 
 rule all:
