@@ -257,3 +257,34 @@ def test_seg_step_times_a_step_and_restores_the_shortcut() -> None:
     before = ASPPv2.__dict__["_branch"]
     ms = load_benchmark("seg_step").step_ms(dilated=False, shortcut=False, batch=2, crop=32, repeats=1)
     assert ms > 0 and ASPPv2.__dict__["_branch"] is before
+
+
+def test_scale_table_holds_each_stage_to_its_goals(tmp_path: Path) -> None:
+    """benchmarks/scale.py: per-image seconds from the count each stage processes, the 10,000 / 1,000 ratios
+    against 1.3x (time) and 1.5x (peak RSS, under 4 GB), and a truncated photo in an exported folder."""
+    scale = load_benchmark("scale")
+    rows = [{"images": n, "source": "embedded", "stage": stage, "count": n - n // 5, "seconds": sec,
+             "peak_rss_mib": rss} for n, stage, sec, rss in [
+                (1000, "make_seeds", 80.0, 1400.0), (10000, "make_seeds", 800.0, 1450.0),
+                (1000, "eval_seeds", 8.0, 100.0), (10000, "eval_seeds", 200.0, 100.0),   # 2.5x slower per image
+                (1000, "refine_crf", 16.0, 80.0), (10000, "refine_crf", 160.0, 130.0)]]  # 1.63x the memory
+    df = scale.table(rows)
+    assert df["seconds_per_image"].iloc[0] == pytest.approx(0.1)
+    md = scale.markdown(df, ["python benchmarks/scale.py"], None)
+    verdict = {line.split(" | ")[1]: line.rsplit(" | ", 1)[1] for line in md.splitlines()
+               if line.startswith("| embedded")}
+    assert verdict == {"make_seeds": "met |", "eval_seeds": "**NOT met** |", "refine_crf": "**NOT met** |"}
+
+    data = tmp_path / "data"
+    for split, ids in (("train", ["a", "b"]), ("val", ["c"])):
+        (data / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (data / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (data / "JPEGImages").mkdir()
+    for image_id in "abc":
+        (data / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"\xff\xd8" + bytes(300))
+    (data / "cls_labels.json").write_text('{"a": [1], "b": [1, 2], "c": []}')
+    folder = scale.export_folder(data, tmp_path / "user", ["background", "cat", "dog"], broken=True)
+    lines = Path(folder["labels"]).read_text().splitlines()
+    assert lines[:3] == ["image,labels,split", "train/a.jpg,cat,train", "train/b.jpg,cat;dog,train"]
+    assert (tmp_path / "user" / "photos" / "train" / "b.jpg").stat().st_size == 100  # the truncated one
+    assert (data / "JPEGImages" / "b.jpg").stat().st_size == 302  # the dataset's own file untouched

@@ -352,3 +352,26 @@ def test_plot_dataset_samples_writes_a_png(ds: Loaded, tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["samples.png"]
     with pytest.raises(FileNotFoundError, match="nosuchsplit"):
         plot_dataset_samples(ds.root, "nosuchsplit", tmp_path / "x.png")
+
+
+def test_instances_are_streamed_byte_identical_to_one_json_dump(tmp_path) -> None:
+    """instances.json is written image by image (flat memory at 10,000 images) and reads as write_json wrote it."""
+    from cpal.core.io import JsonMapWriter, write_json
+
+    records = {f"train_{i:06d}": {"objects": [{"class": i % 3, "bbox": [0, 1, 2, 3]}], "band": i % 2 == 0}
+               for i in range(5)}
+    with JsonMapWriter(tmp_path / "streamed.json") as out:
+        for key, value in records.items():
+            out.add(key, value)
+    write_json(tmp_path / "whole.json", records)
+    assert (tmp_path / "streamed.json").read_bytes() == (tmp_path / "whole.json").read_bytes()
+    with JsonMapWriter(tmp_path / "empty.json"):
+        pass
+    write_json(tmp_path / "empty_whole.json", {})
+    assert (tmp_path / "empty.json").read_bytes() == (tmp_path / "empty_whole.json").read_bytes()
+    import pytest
+
+    with pytest.raises(ValueError, match="sorted order"), JsonMapWriter(tmp_path / "bad.json") as out:
+        out.add("b", 1)
+        out.add("a", 2)
+    assert not (tmp_path / "bad.json").exists()  # a failed write leaves no file

@@ -116,6 +116,35 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class JsonMapWriter:
+    """A JSON object written entry by entry, byte-identical to ``write_json`` of the whole dict: a dataset of
+    10,000 images need not hold every image's record in memory to write one file. Keys must come in sorted
+    order (write_json sorts them); the file appears at ``path`` only on a clean exit (atomic_path)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.last: str | None = None
+        self.count = 0
+
+    def __enter__(self) -> JsonMapWriter:
+        self._ctx = atomic_path(self.path)
+        self._file = open(self._ctx.__enter__(), "w")  # noqa: SIM115 - closed in __exit__
+        return self
+
+    def add(self, key: str, value: Any) -> None:
+        if self.last is not None and key <= self.last:
+            raise ValueError(f"{self.path}: key {key!r} after {self.last!r}: keys must be added in sorted order")
+        entry = json.dumps({key: value}, indent=2, sort_keys=True)[2:-2]  # '  "key": {...}' without the braces
+        self._file.write(("{\n" if self.last is None else ",\n") + entry)
+        self.last = key
+        self.count += 1
+
+    def __exit__(self, kind, value, tb) -> bool:
+        self._file.write("{}\n" if self.last is None else "\n}\n")
+        self._file.close()
+        return bool(self._ctx.__exit__(kind, value, tb))
+
+
 def voc_palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: class i gets the colour the VOC devkit gives it; 255 is cream."""
     return _voc_palette(n).copy()

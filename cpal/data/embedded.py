@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cpal.core.io import save_jpeg, save_label_png, write_json, write_text
+from cpal.core.io import JsonMapWriter, save_jpeg, save_label_png, write_json, write_text
 from cpal.core.runtime import process_pool_context
 
 EMBEDDED_CLASSES: tuple[str, ...] = ("background", "bird", "boat", "bottle", "car", "cat", "dog")
@@ -721,19 +721,19 @@ def generate_embedded(out_dir: Path, cfg: dict, seed: int, progress: bool = True
         counts = {sp: {n: 0 for n in EMBEDDED_CLASSES[1:]} for sp in _SPLITS}
         inst_counts = {sp: {n: 0 for n in EMBEDDED_CLASSES[1:]} for sp in _SPLITS}
         cls_labels: dict[str, list[int]] = {}
-        instances: dict[str, dict] = {}
+        instances = JsonMapWriter(tmp / "instances.json")  # streamed: 10,000 images' records need not sit in memory
         pet_px = mark_px = 0
         boat_imgs = boat_water = other_imgs = other_water = boat_inst = boat_inst_ctx = 0
         total = int(c["n_train"]) + int(c["n_val"])
         with tqdm(total=total, desc="embedded", unit="img", disable=not progress) as bar, \
-                _image_writer(workers) as write_all:
+                _image_writer(workers) as write_all, instances:
             for split in _SPLITS:
                 ids = []
                 for image_id, meta in write_all(functools.partial(_write_image, tmp, seed, split, c),
                                                 range(int(c[f"n_{split}"]))):
                     present = sorted({o["class"] for o in meta["objects"]})
                     cls_labels[image_id] = present
-                    instances[image_id] = meta
+                    instances.add(image_id, meta)
                     ids.append(image_id)
                     for cl in present:
                         counts[split][EMBEDDED_CLASSES[cl]] += 1
@@ -754,7 +754,6 @@ def generate_embedded(out_dir: Path, cfg: dict, seed: int, progress: bool = True
                     bar.update(1)
                 write_text(tmp / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
         write_json(tmp / "cls_labels.json", cls_labels)
-        write_json(tmp / "instances.json", instances)
         write_json(tmp / "dataset.json", {
             "name": "embedded", "source": "embedded", "classes": list(EMBEDDED_CLASSES), "ignore_index": 255,
             "splits": {sp: int(c[f"n_{sp}"]) for sp in _SPLITS}, "seed": int(seed),
