@@ -18,7 +18,7 @@ PIPELINE_FILES = ["Snakefile", "dvc.yaml", "branches", ".dvcignore", ".gitignore
 
 
 def tiny_workspace(dest: Path) -> Path:
-    """Copy the pipeline into `dest`, tiny preset as params.yaml, DVC config, one git commit."""
+    """Copy the pipeline into `dest`, tiny preset as params.yaml, .dvc/ as committed, one git commit."""
     dest.mkdir(parents=True)
     for name in PIPELINE_FILES:
         src = ROOT / name
@@ -28,7 +28,9 @@ def tiny_workspace(dest: Path) -> Path:
             shutil.copy2(src, dest / name)
     shutil.copy2(ROOT / "configs" / "tiny.yaml", dest / "params.yaml")
     (dest / ".dvc").mkdir()
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    # config, and .gitignore as the repository commits it (keeps .dvc/config.local, the cache and tmp out of git)
+    for name in ("config", ".gitignore"):
+        shutil.copy2(ROOT / ".dvc" / name, dest / ".dvc" / name)
     env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
