@@ -471,7 +471,7 @@ rule eval_irn:
         "--label irn --metrics {output.metrics} --log {log}"
 
 
-# The AMN branch (issue 22; off the default path, like IRN's): AMN trained on the classifier's IR labels,
+# The AMN branch (off the default path, like IRN's): AMN trained on the classifier's IR labels,
 # its maps as seeds, through the CRF. `snakemake --cores 2 results/eval_amn_crf.json` runs it;
 # `pseudo.source: amn_crf` sends its masks on to DeepLab. dvc: branches/amn/dvc.yaml.
 rule train_amn:

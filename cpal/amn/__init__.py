@@ -1,4 +1,4 @@
-"""AMN as a second CPAL host (issue 22): the paper claims CPAL is a plug-in and reports it on AMN.
+"""AMN as a second CPAL host: the paper claims CPAL is a plug-in and reports it on AMN.
 
 AMN (Lee et al., CVPR 2022, "Threshold Matters in WSSS"; github gaviotas/AMN) sits between the CAM
 classifier and IRN: classifier CAMs -> IR labels (cpal/irn/labels.py) -> AMN trained on them with a

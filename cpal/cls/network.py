@@ -1,4 +1,4 @@
-"""The CAM classifier trained by CAM, SIPE or CPAL (DESIGN section 5): one network, three methods."""
+"""The CAM classifier trained by CAM, SIPE or CPAL (docs/method.md): one network, three methods."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one metrics module: streaming confusion-matrix mIoU for seeds, pseudo-masks and DeepLab alike.
 
-Protocol (DESIGN section 7): pixels labelled 255 in the ground truth are ignored; a class absent from
+Protocol (README, "Evaluation protocol"): pixels labelled 255 in the ground truth are ignored; a class absent from
 both prediction and ground truth over the whole set is excluded from the mean (nanmean).
 """
 

@@ -1,11 +1,11 @@
 """The embedded dataset: generated images in VOC layout that carry the difficulties CPAL targets.
 
-DESIGN section 6. A laptop must be able to run the whole pipeline, so the default dataset is drawn
+See the README, "The embedded dataset". A laptop must be able to run the whole pipeline, so the default dataset is drawn
 here in seconds instead of downloaded; it is built to be hard in the ways real WSSS data is hard:
 
 - cat and dog share body families (poses), textures and colour palettes and differ only by a small
-  mark on the head (shape and colour), so only the mark separates them (on data like this, DESIGN
-  section 11 measured plain CAMs covering the mark far more than the body);
+  mark on the head (shape and colour), so only the mark separates them (on data like this, docs/method.md
+  reports plain CAMs covering the mark far more than the body);
 - boats nearly always sit on a water band (`context_rate`) and water also shows without boats
   (`context_distractor_rate`), so CAMs can leak onto the context;
 - every class has at least three shape variants plus colour, texture, aspect, pose and size

@@ -1,6 +1,6 @@
 """Seed evaluation (stage `eval_seeds`): mIoU of CAM and PACAM seeds over a background-threshold sweep.
 
-Prototype maps peak high (DESIGN section 11: the best prototype threshold sat at 0.9), so the sweep
+Prototype maps peak high (docs/method.md: the best prototype threshold sat at 0.9), so the sweep
 reaches 0.95 by default. The sweep picks its threshold with ground truth, which flatters every map; so
 for prototype maps the protocol SIPE reports is also given, as `pacam_argmax`: the argmax over the
 map's own background channel and the classes, no threshold. A host with a fixed threshold of its own (AMN:

@@ -2,7 +2,7 @@
 
 Images of equal size are batched; each scale's raw maps are upsampled to full resolution, flipped
 back, summed over scales and flips, then each image-label class is divided by its maximum (IRN and
-SIPE practice). PACAM uses the support bank stored in the checkpoint. Alignment (DESIGN 5.7) is off
+SIPE practice). PACAM uses the support bank stored in the checkpoint. Alignment (docs/method.md) is off
 at seed time by default: with one instance of a class in a batch, the aligned anchor equals the bank
 mean and retrieval would ignore the image. `seeds.amp` runs the forwards under float16 autocast on
 CUDA (ignored on CPU).

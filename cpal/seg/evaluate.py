@@ -1,7 +1,7 @@
 """DeepLab evaluation on the val split (stage `eval_seg`): multi-scale + flip inference, optional dense CRF.
 
 Softmax probabilities are averaged over scales and flips at the image's own resolution; mIoU and
-per-class IoU come from cpal.core.metrics (DESIGN section 7). The CRF result is reported beside the plain
+per-class IoU come from cpal.core.metrics (README, "Evaluation protocol"). The CRF result is reported beside the plain
 one, never instead of it.
 """
 

@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-EPOCHS = 3  # classifier epochs of the stage-CLI tests (issue 8: three epochs of the tiny preset)
+EPOCHS = 3  # classifier epochs of the stage-CLI tests (three epochs of the tiny preset)
 
 
 def env(workspace: bool = False) -> dict[str, str]:
