@@ -1,9 +1,14 @@
-# The CPAL pipeline for Snakemake. dvc.yaml declares the same stages with the same commands
-# (tests/test_engines.py checks that they agree).
+# The CPAL pipeline for Snakemake: one rule per stage module. dvc.yaml and hosts/dvc.yaml declare the same
+# stages with the same commands (tests/test_engines.py checks that they agree).
 #
 #   snakemake --cores 2                 # embedded default, project environment
 #   snakemake --cores 8 --use-conda     # conda users: every rule runs in environment.yml
 #   snakemake --cores 2 --configfile configs/tiny.yaml   # a preset merged over params.yaml
+#   snakemake --cores 2 all results/eval_irn.json        # the default targets plus the IRN branch
+#
+# The default target `all` needs the classifier's maps through the CRF and DeepLab on their pseudo-masks (and on
+# ground truth, the upper bound). The IRN and AMN branches run when a target asks for one of their outputs, or
+# when pseudo.source names their maps: the rules are the same, on another host's maps (HOSTS below).
 
 import os
 import sys
@@ -38,13 +43,60 @@ SOURCE_STATE = check_source(config["data"])
 # Stages read their params from a file: the merged config (params.yaml plus any --config/--configfile
 # overrides) is written here, rewritten only when its content changes, so every stage sees exactly what
 # was validated above. dvc.yaml passes params.yaml itself; the commands are otherwise identical.
-# Reruns follow the `params:` of each rule (whole sections, as dvc.yaml declares them).
 PARAMS = write_resolved_params(config, "outputs/params.snakemake.yaml",
                                ["params.yaml", *(os.path.relpath(f) for f in workflow.overwrite_configfiles)])
 DATA = config["data"]["dir"]
-REFINED = {"seeds": "outputs/seeds/maps", "crf": "outputs/crf/maps", "irn": "outputs/irn/maps",
-           "amn_crf": "outputs/amn_crf/maps", "amn_irn": "outputs/amn_irn/maps"}
 ENV = "environment.yml"
+GPU = 1 if config["run"]["device"] == "cuda" else 0
+DDP_GPUS = config["run"].get("nproc_per_node", 1) * GPU  # DDP: one GPU per process
+
+
+def sections(*names):
+    """A rule's params: the merged config's file and whole sections of it (as dvc.yaml declares them), so that
+    a changed key reruns the rules that read its section."""
+    return {"params_file": PARAMS, **{"method" if name == "params" else name: config[name] for name in names}}
+
+
+# A host is a network whose seed maps the shared rules (eval_seeds, refine_crf, ir_labels, train_irn, refine_irn,
+# eval_pseudo) evaluate and refine; its outputs carry its prefix (outputs/amn_crf/maps), the {host} wildcard.
+# cls, the classifier of params.method, is the default path; amn is AMN (train_amn, make_amn_seeds) on cls's IR
+# labels. AMN's seed files hold one map (cam), and its protocol adds a fixed seed threshold. hosts/dvc.yaml
+# declares the same table.
+HOSTS = {
+    "cls": dict(prefix="", seeds="outputs/seeds/maps", map="", protocol=""),
+    "amn": dict(prefix="amn_", seeds="outputs/amn/maps", map=" --map cam",
+                protocol=f" --fixed-threshold {config['amn']['seed_threshold']} --host amn"),
+}
+REFINERS = ("crf", "irn")
+
+
+def host(prefix):
+    """The host whose outputs carry ``prefix``. The wildcard takes any prefix, so that a target naming an unknown
+    host stops here, before any job, with the hosts there are."""
+    for entry in HOSTS.values():
+        if entry["prefix"] == prefix:
+            return entry
+    known = ", ".join(f"{name} ({entry['prefix'] or 'no prefix'})" for name, entry in HOSTS.items())
+    raise ValueError(f"no host writes outputs with the prefix {prefix!r}; the hosts are {known}")
+
+
+def masks(wildcards):
+    """eval_pseudo's input: the pseudo-masks, or a host's CRF or IRN maps (results/eval_amn_crf.json)."""
+    if wildcards.masks == "pseudo":
+        return "outputs/pseudo/labels"
+    host(next(wildcards.masks.removesuffix(step) for step in REFINERS if wildcards.masks.endswith(step)))
+    return f"outputs/{wildcards.masks}/maps"
+
+
+# DeepLab trains on the pseudo-masks (seg) and on the dataset's ground truth, in its folder (seg_full: the upper
+# bound): the labels it reads, and how the stage is told.
+TRAIN_ON = {"seg": ("outputs/pseudo/labels", "--labels outputs/pseudo/labels"), "seg_full": (DATA, "--ground-truth")}
+
+
+wildcard_constraints:
+    host=r"(?:[a-z0-9]+_)?",
+    masks=r"pseudo|(?:[a-z0-9]+_)?(?:" + "|".join(REFINERS) + ")",
+    seg="|".join(TRAIN_ON),
 
 
 # Snakemake's own lock is not atomic: two runs started together can both take it. This flock is; it is
@@ -67,644 +119,200 @@ rule all:
 
 
 rule data:
-    output:
-        directory(DATA),
-    params:
-        params_file=PARAMS,
-        data=config["data"],
-        run=config["run"],
-        source_state=SOURCE_STATE,
-    log:
-        "outputs/logs/data.log",
+    output: directory(DATA)
+    params: **sections("data", "run"), source_state=SOURCE_STATE
+    log: "outputs/logs/data.log"
     threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.data --params {params.params_file} --out {output} --log {log}"
+    resources: mem_mb=2000
+    conda: ENV
+    shell: "python -m stages.data --params {params.params_file} --out {output} --log {log}"
 
 
 rule dataset_figure:
-    input:
-        data=DATA,
-    output:
-        report("results/dataset_samples.png", caption="report/dataset_samples.rst", category="Data"),
-    params:
-        params_file=PARAMS,
-        data=config["data"],
-    log:
-        "outputs/logs/dataset_figure.log",
+    input: data=DATA
+    output: report("results/dataset_samples.png", caption="report/dataset_samples.rst", category="Data")
+    params: **sections("data")
+    log: "outputs/logs/dataset_figure.log"
     threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.dataset_figure --params {params.params_file} --data {input.data} --out {output} --log {log}"
+    resources: mem_mb=1000
+    conda: ENV
+    shell: "python -m stages.dataset_figure --params {params.params_file} --data {input.data} --out {output} --log {log}"
 
 
 rule train_cls:
-    input:
-        data=DATA,
-    output:
-        model="outputs/train_cls/model.pt",
-        metrics="outputs/train_cls/metrics.json",
-        timing="outputs/train_cls/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        data=config["data"],
-        train_cls=config["train_cls"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_cls.log",
+    input: data=DATA
+    output: model="outputs/train_cls/model.pt", metrics="outputs/train_cls/metrics.json",
+            timing="outputs/train_cls/timing.json"
+    params: **sections("params", "data", "train_cls", "run")
+    log: "outputs/logs/train_cls.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
-    conda:
-        ENV
-    shell:
-        "python -m stages.train_cls --params {params.params_file} --data {input.data} "
-        "--out outputs/train_cls --log {log}"
+    resources: mem_mb=4000, gpu=DDP_GPUS
+    conda: ENV
+    shell: "python -m stages.train_cls --params {params.params_file} --data {input.data} --out outputs/train_cls --log {log}"
 
 
 rule make_seeds:
-    input:
-        data=DATA,
-        model="outputs/train_cls/model.pt",
-    output:
-        seeds=directory("outputs/seeds/maps"),
-        timing="outputs/seeds/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        train_cls=config["train_cls"],
-        seeds=config["seeds"],
-        run=config["run"],
-    log:
-        "outputs/logs/make_seeds.log",
+    input: data=DATA, model="outputs/train_cls/model.pt"
+    output: seeds=directory("outputs/seeds/maps"), timing="outputs/seeds/timing.json"
+    params: **sections("params", "train_cls", "seeds", "run")
+    log: "outputs/logs/make_seeds.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=GPU
+    conda: ENV
     shell:
         "python -m stages.make_seeds --params {params.params_file} --data {input.data} "
         "--checkpoint {input.model} --out {output.seeds} --timing {output.timing} --log {log}"
 
 
 rule eval_seeds:
-    input:
-        data=DATA,
-        seeds="outputs/seeds/maps",
+    input: data=DATA, seeds=lambda w: host(w.host)["seeds"]
     output:
-        metrics="results/eval_seeds.json",
-        curve=report("results/eval_seeds_curve.csv", caption="report/eval_seeds_table.rst", category="Seeds"),
-        plot=report("results/eval_seeds_curve.png", caption="report/eval_seeds_curve.rst", category="Seeds"),
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-    log:
-        "outputs/logs/eval_seeds.log",
+        metrics="results/eval_{host}seeds.json",
+        curve=report("results/eval_{host}seeds_curve.csv", caption="report/eval_seeds_table.rst", category="Seeds"),
+        plot=report("results/eval_{host}seeds_curve.png", caption="report/eval_seeds_curve.rst", category="Seeds"),
+    params: **sections("params", "seeds"), protocol=lambda w: host(w.host)["protocol"]
+    log: "outputs/logs/eval_{host}seeds.log"
     threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
+    resources: mem_mb=2000
+    conda: ENV
     shell:
         "python -m stages.eval_seeds --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--metrics {output.metrics} --curve {output.curve} --plot {output.plot} --log {log}"
+        "--metrics {output.metrics} --curve {output.curve} --plot {output.plot}{params.protocol} --log {log}"
 
 
 rule refine_crf:
-    input:
-        data=DATA,
-        seeds="outputs/seeds/maps",
-    output:
-        maps=directory("outputs/crf/maps"),
-        timing="outputs/crf/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        crf=config["crf"],
-    log:
-        "outputs/logs/refine_crf.log",
+    input: data=DATA, seeds=lambda w: host(w.host)["seeds"]
+    output: maps=directory("outputs/{host}crf/maps"), timing="outputs/{host}crf/timing.json"
+    params: **sections("params", "seeds", "crf"), map=lambda w: host(w.host)["map"]
+    log: "outputs/logs/refine_{host}crf.log"
     threads: 2
-    resources:
-        mem_mb=3000,
-    conda:
-        ENV
+    resources: mem_mb=3000
+    conda: ENV
     shell:
         "python -m stages.refine_crf --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--out {output.maps} --workers {threads} --timing {output.timing} --log {log}"
-
-
-rule eval_crf:
-    input:
-        data=DATA,
-        maps="outputs/crf/maps",
-    output:
-        metrics="results/eval_crf.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-    log:
-        "outputs/logs/eval_crf.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
-        "--label crf --metrics {output.metrics} --log {log}"
-
-
-rule pseudo_labels:
-    input:
-        data=DATA,
-        source=REFINED[config["pseudo"]["source"]],
-    output:
-        labels=directory("outputs/pseudo/labels"),
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        pseudo=config["pseudo"],
-    log:
-        "outputs/logs/pseudo_labels.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.pseudo_labels --params {params.params_file} --data {input.data} "
-        "--source-dir {input.source} --out {output.labels} --log {log}"
-
-
-rule eval_pseudo:
-    input:
-        data=DATA,
-        labels="outputs/pseudo/labels",
-    output:
-        metrics="results/eval_pseudo.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        pseudo=config["pseudo"],
-    log:
-        "outputs/logs/eval_pseudo.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.labels} "
-        "--metrics {output.metrics} --log {log}"
-
-
-rule train_seg:
-    input:
-        data=DATA,
-        labels="outputs/pseudo/labels",
-    output:
-        model="outputs/seg/model.pt",
-        metrics="outputs/seg/metrics.json",
-        timing="outputs/seg/timing.json",
-    params:
-        params_file=PARAMS,
-        data=config["data"],
-        seg=config["seg"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_seg.log",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
-    conda:
-        ENV
-    shell:
-        "python -m stages.train_seg --params {params.params_file} --data {input.data} --labels {input.labels} "
-        "--out outputs/seg --log {log}"
-
-
-rule eval_seg:
-    input:
-        data=DATA,
-        model="outputs/seg/model.pt",
-    output:
-        metrics="results/eval_seg.json",
-    params:
-        params_file=PARAMS,
-        seg=config["seg"],
-        run=config["run"],
-    log:
-        "outputs/logs/eval_seg.log",
-    threads: 2
-    resources:
-        mem_mb=3000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
-        "--metrics {output.metrics} --log {log}"
-
-
-rule train_seg_full:
-    input:
-        data=DATA,
-    output:
-        model="outputs/seg_full/model.pt",
-        metrics="outputs/seg_full/metrics.json",
-        timing="outputs/seg_full/timing.json",
-    params:
-        params_file=PARAMS,
-        data=config["data"],
-        seg=config["seg"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_seg_full.log",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=config["run"].get("nproc_per_node", 1) if config["run"]["device"] == "cuda" else 0,  # DDP: one GPU per process
-    conda:
-        ENV
-    shell:
-        "python -m stages.train_seg --params {params.params_file} --data {input.data} --ground-truth "
-        "--out outputs/seg_full --log {log}"
-
-
-rule eval_seg_full:
-    input:
-        data=DATA,
-        model="outputs/seg_full/model.pt",
-    output:
-        metrics="results/eval_seg_full.json",
-    params:
-        params_file=PARAMS,
-        seg=config["seg"],
-        run=config["run"],
-    log:
-        "outputs/logs/eval_seg_full.log",
-    threads: 2
-    resources:
-        mem_mb=3000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
-        "--metrics {output.metrics} --log {log}"
+        "--out {output.maps} --workers {threads} --timing {output.timing}{params.map} --log {log}"
 
 
 rule ir_labels:
-    input:
-        data=DATA,
-        seeds="outputs/seeds/maps",
-    output:
-        labels=directory("outputs/irn/ir_labels"),
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-    log:
-        "outputs/logs/ir_labels.log",
+    input: data=DATA, seeds=lambda w: host(w.host)["seeds"]
+    output: labels=directory("outputs/{host}irn/ir_labels")
+    params: **sections("params", "seeds", "irn"), map=lambda w: host(w.host)["map"]
+    log: "outputs/logs/{host}ir_labels.log"
     threads: 2
-    resources:
-        mem_mb=3000,
-    conda:
-        ENV
+    resources: mem_mb=3000
+    conda: ENV
     shell:
         "python -m stages.ir_labels --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--out {output.labels} --workers {threads} --log {log}"
+        "--out {output.labels} --workers {threads}{params.map} --log {log}"
 
 
 rule train_irn:
-    input:
-        data=DATA,
-        labels="outputs/irn/ir_labels",
-        classifier="outputs/train_cls/model.pt",
-    output:
-        model="outputs/irn/model.pt",
-        metrics="outputs/irn/metrics.json",
-        timing="outputs/irn/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        data=config["data"],
-        train_cls=config["train_cls"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_irn.log",
+    input: data=DATA, labels="outputs/{host}irn/ir_labels", classifier="outputs/train_cls/model.pt"
+    output: model="outputs/{host}irn/model.pt", metrics="outputs/{host}irn/metrics.json",
+            timing="outputs/{host}irn/timing.json"
+    params: **sections("params", "data", "train_cls", "seeds", "irn", "run")
+    log: "outputs/logs/train_{host}irn.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=GPU
+    conda: ENV
     shell:
         "python -m stages.train_irn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
-        "--classifier {input.classifier} --out outputs/irn --log {log}"
+        "--classifier {input.classifier} --out outputs/{wildcards.host}irn --log {log}"
 
 
 rule refine_irn:
-    input:
-        data=DATA,
-        seeds="outputs/seeds/maps",
-        model="outputs/irn/model.pt",
-    output:
-        maps=directory("outputs/irn/maps"),
-        timing="outputs/irn/refine_timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-        run=config["run"],
-    log:
-        "outputs/logs/refine_irn.log",
+    input: data=DATA, seeds=lambda w: host(w.host)["seeds"], model="outputs/{host}irn/model.pt"
+    output: maps=directory("outputs/{host}irn/maps"), timing="outputs/{host}irn/refine_timing.json"
+    params: **sections("params", "seeds", "irn", "run"), map=lambda w: host(w.host)["map"]
+    log: "outputs/logs/refine_{host}irn.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=GPU
+    conda: ENV
     shell:
         "python -m stages.refine_irn --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--irn {input.model} --out {output.maps} --timing {output.timing} --log {log}"
+        "--irn {input.model} --out {output.maps} --timing {output.timing}{params.map} --log {log}"
 
 
-rule eval_irn:
-    input:
-        data=DATA,
-        maps="outputs/irn/maps",
-    output:
-        metrics="results/eval_irn.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-    log:
-        "outputs/logs/eval_irn.log",
+# eval_pseudo scores a host's CRF or IRN maps under their own name, and the pseudo-masks under pseudo.source.
+rule eval_pseudo:
+    input: data=DATA, masks=masks
+    output: metrics="results/eval_{masks}.json"
+    params: **sections("params", "seeds"),
+            label=lambda w: config["pseudo"]["source"] if w.masks == "pseudo" else w.masks
+    log: "outputs/logs/eval_{masks}.log"
     threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
+    resources: mem_mb=2000
+    conda: ENV
     shell:
-        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
-        "--label irn --metrics {output.metrics} --log {log}"
+        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.masks} "
+        "--label {params.label} --metrics {output.metrics} --log {log}"
 
 
-# The AMN branch (off the default path, like IRN's): AMN trained on the classifier's IR labels,
-# its maps as seeds, through the CRF. `snakemake --cores 2 results/eval_amn_crf.json` runs it;
-# `pseudo.source: amn_crf` sends its masks on to DeepLab. dvc: branches/amn/dvc.yaml.
 rule train_amn:
-    input:
-        data=DATA,
-        labels="outputs/irn/ir_labels",
-    output:
-        model="outputs/amn/model.pt",
-        metrics="outputs/amn/metrics.json",
-        timing="outputs/amn/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        amn=config["amn"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_amn.log",
+    input: data=DATA, labels="outputs/irn/ir_labels"
+    output: model="outputs/amn/model.pt", metrics="outputs/amn/metrics.json", timing="outputs/amn/timing.json"
+    params: **sections("params", "seeds", "amn", "run")
+    log: "outputs/logs/train_amn.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=GPU
+    conda: ENV
     shell:
         "python -m stages.train_amn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
         "--out outputs/amn --log {log}"
 
 
 rule make_amn_seeds:
-    input:
-        data=DATA,
-        model="outputs/amn/model.pt",
-        labels="outputs/irn/ir_labels",
-    output:
-        maps=directory("outputs/amn/maps"),
-        timing="outputs/amn/seed_timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        amn=config["amn"],
-        run=config["run"],
-    log:
-        "outputs/logs/make_amn_seeds.log",
+    input: data=DATA, model="outputs/amn/model.pt", labels="outputs/irn/ir_labels"
+    output: maps=directory("outputs/amn/maps"), timing="outputs/amn/seed_timing.json"
+    params: **sections("params", "seeds", "amn", "run")
+    log: "outputs/logs/make_amn_seeds.log"
     threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=GPU
+    conda: ENV
     shell:
         "python -m stages.make_amn_seeds --params {params.params_file} --data {input.data} "
         "--checkpoint {input.model} --ir-labels {input.labels} --out {output.maps} --timing {output.timing} "
         "--log {log}"
 
 
-rule eval_amn_seeds:
-    input:
-        data=DATA,
-        seeds="outputs/amn/maps",
-    output:
-        metrics="results/eval_amn_seeds.json",
-        curve="results/eval_amn_seeds_curve.csv",
-        plot="results/eval_amn_seeds_curve.png",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        threshold=config["amn"]["seed_threshold"],
-    log:
-        "outputs/logs/eval_amn_seeds.log",
+rule pseudo_labels:
+    input: data=DATA, source=f"outputs/{config['pseudo']['source']}/maps"
+    output: labels=directory("outputs/pseudo/labels")
+    params: **sections("params", "seeds", "pseudo")
+    log: "outputs/logs/pseudo_labels.log"
     threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
+    resources: mem_mb=2000
+    conda: ENV
     shell:
-        "python -m stages.eval_seeds --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--metrics {output.metrics} --curve {output.curve} --plot {output.plot} "
-        "--fixed-threshold {params.threshold} --host amn --log {log}"
+        "python -m stages.pseudo_labels --params {params.params_file} --data {input.data} "
+        "--source-dir {input.source} --out {output.labels} --log {log}"
 
 
-rule refine_amn_crf:
-    input:
-        data=DATA,
-        seeds="outputs/amn/maps",
-    output:
-        maps=directory("outputs/amn_crf/maps"),
-        timing="outputs/amn_crf/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        crf=config["crf"],
-    log:
-        "outputs/logs/refine_amn_crf.log",
+rule train_seg:
+    input: data=DATA, labels=lambda w: TRAIN_ON[w.seg][0]
+    output: model="outputs/{seg}/model.pt", metrics="outputs/{seg}/metrics.json", timing="outputs/{seg}/timing.json"
+    params: **sections("data", "seg", "run"), labels=lambda w: TRAIN_ON[w.seg][1]
+    log: "outputs/logs/train_{seg}.log"
     threads: 2
-    resources:
-        mem_mb=3000,
-    conda:
-        ENV
+    resources: mem_mb=4000, gpu=DDP_GPUS
+    conda: ENV
     shell:
-        "python -m stages.refine_crf --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--out {output.maps} --workers {threads} --timing {output.timing} --map cam --log {log}"
+        "python -m stages.train_seg --params {params.params_file} --data {input.data} {params.labels} "
+        "--out outputs/{wildcards.seg} --log {log}"
 
 
-rule eval_amn_crf:
-    input:
-        data=DATA,
-        maps="outputs/amn_crf/maps",
-    output:
-        metrics="results/eval_amn_crf.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-    log:
-        "outputs/logs/eval_amn_crf.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
-        "--label amn_crf --metrics {output.metrics} --log {log}"
-
-
-
-# AMN's second pass (AMN: its maps -> IR labels -> IRN -> masks): the IRN stages again, on AMN's maps
-# (`--map cam`: AMN's seed files hold one map), into outputs/amn_irn. `snakemake --cores 2
-# results/eval_amn_irn.json` runs it; `pseudo.source: amn_irn` sends its masks on to DeepLab.
-rule amn_ir_labels:
-    input:
-        data=DATA,
-        seeds="outputs/amn/maps",
-    output:
-        labels=directory("outputs/amn_irn/ir_labels"),
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-    log:
-        "outputs/logs/amn_ir_labels.log",
+rule eval_seg:
+    input: data=DATA, model="outputs/{seg}/model.pt"
+    output: metrics="results/eval_{seg}.json"
+    params: **sections("seg", "run")
+    log: "outputs/logs/eval_{seg}.log"
     threads: 2
-    resources:
-        mem_mb=3000,
-    conda:
-        ENV
+    resources: mem_mb=3000, gpu=GPU
+    conda: ENV
     shell:
-        "python -m stages.ir_labels --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--out {output.labels} --workers {threads} --map cam --log {log}"
+        "python -m stages.eval_seg --params {params.params_file} --data {input.data} --checkpoint {input.model} "
+        "--metrics {output.metrics} --log {log}"
 
-
-rule train_amn_irn:
-    input:
-        data=DATA,
-        labels="outputs/amn_irn/ir_labels",
-        classifier="outputs/train_cls/model.pt",
-    output:
-        model="outputs/amn_irn/model.pt",
-        metrics="outputs/amn_irn/metrics.json",
-        timing="outputs/amn_irn/timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        data=config["data"],
-        train_cls=config["train_cls"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-        run=config["run"],
-    log:
-        "outputs/logs/train_amn_irn.log",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
-    shell:
-        "python -m stages.train_irn --params {params.params_file} --data {input.data} --ir-labels {input.labels} "
-        "--classifier {input.classifier} --out outputs/amn_irn --log {log}"
-
-
-rule refine_amn_irn:
-    input:
-        data=DATA,
-        seeds="outputs/amn/maps",
-        model="outputs/amn_irn/model.pt",
-    output:
-        maps=directory("outputs/amn_irn/maps"),
-        timing="outputs/amn_irn/refine_timing.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        irn=config["irn"],
-        run=config["run"],
-    log:
-        "outputs/logs/refine_amn_irn.log",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        gpu=1 if config["run"]["device"] == "cuda" else 0,
-    conda:
-        ENV
-    shell:
-        "python -m stages.refine_irn --params {params.params_file} --data {input.data} --seeds {input.seeds} "
-        "--irn {input.model} --out {output.maps} --timing {output.timing} --map cam --log {log}"
-
-
-rule eval_amn_irn:
-    input:
-        data=DATA,
-        maps="outputs/amn_irn/maps",
-    output:
-        metrics="results/eval_amn_irn.json",
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-    log:
-        "outputs/logs/eval_amn_irn.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
-    shell:
-        "python -m stages.eval_pseudo --params {params.params_file} --data {input.data} --pseudo {input.maps} "
-        "--label amn_irn --metrics {output.metrics} --log {log}"
 
 rule report:
     input:
@@ -723,20 +331,11 @@ rule report:
         bars=report("results/report_per_class.png", caption="report/per_class.rst", category="Results"),
         grid=report("results/report_grid.png", caption="report/grid.rst", category="Results"),
         gallery=report("results/gallery.html", caption="report/gallery.rst", category="Gallery"),
-    params:
-        params_file=PARAMS,
-        method=config["params"],
-        seeds=config["seeds"],
-        seg=config["seg"],
-        report=config["report"],
-        run=config["run"],
-    log:
-        "outputs/logs/report.log",
+    params: **sections("params", "seeds", "seg", "report", "run")
+    log: "outputs/logs/report.log"
     threads: 1
-    resources:
-        mem_mb=2000,
-    conda:
-        ENV
+    resources: mem_mb=2000
+    conda: ENV
     shell:
         "python -m stages.report --params {params.params_file} --data {input.data} --results results "
         "--logs outputs/logs --seeds {input.seeds} --pseudo {input.pseudo} --seg {input.seg} --out {output.md} "

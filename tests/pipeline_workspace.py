@@ -7,13 +7,16 @@ Shared by the end-to-end tests (tests/test_pipeline_e2e.py) and the fault-inject
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["Snakefile", "dvc.yaml", "branches", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages",
+# The DVC pipeline files: the default path's own stages, and those that run on a host's seed maps.
+DVC_FILES = ("dvc.yaml", "hosts/dvc.yaml")
+PIPELINE_FILES = ["Snakefile", "dvc.yaml", "hosts", ".dvcignore", ".gitignore", "environment.yml", "cpal", "stages",
                   "configs", "report"]
 
 
@@ -55,3 +58,31 @@ def run_in(ws: Path, cmd: list[str]) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, cwd=ws, env=engine_env(), capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return res
+
+
+def dvc_stages(root: Path = ROOT) -> dict[str, dict]:
+    """Every DVC stage of the pipeline in ``root`` as DVC resolves it (a foreach stage's items one by one, named
+    ``stage@item``; ${...} filled in from params.yaml), by the address DVC's commands take and print (`train_seg@seg`,
+    `hosts/dvc.yaml:eval_seeds@cls`): its name, file, cmd, deps (paths), params (section names), outs (its outs,
+    metrics and plots) and metrics (its metrics and plots)."""
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            file = os.path.relpath(stage.path, repo.root_dir)
+            stages[stage.name if file == "dvc.yaml" else f"{file}:{stage.name}"] = {
+                "name": stage.name, "file": file, "cmd": stage.cmd,
+                "deps": [str(Path(d.def_path)) for d in stage.deps if not hasattr(d, "params")],
+                "params": {k for d in stage.deps if hasattr(d, "params") for k in d.params},
+                "outs": [str(Path(o.def_path)) for o in stage.outs],
+                "metrics": [str(Path(o.def_path)) for o in stage.outs if o.metric or o.plot]}
+    return stages
+
+
+def dvc_repro_plan(root: Path = ROOT, *targets: str) -> list[str]:
+    """The stages `dvc repro [targets]` runs in ``root`` (without targets: the root dvc.yaml's and the stages they
+    need), by address, from a forced dry run: nothing runs."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "-f", *targets], cwd=root,
+                         capture_output=True, text=True, check=True, env=engine_env()).stdout
+    return re.findall(r"^Running stage '([\w/.:@]+)':", out, flags=re.M)

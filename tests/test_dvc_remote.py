@@ -3,10 +3,11 @@ fresh clone, and nothing is left to run there.
 
 One tiny run (configs/tiny.yaml, the default DAG through `dvc repro`) is pushed to a shared folder and, where
 the dev extras are installed (dvc-s3, moto[server]), to an S3 bucket served by moto on 127.0.0.1 with IAM
-authentication on. Fresh `git clone`s pull it back (`dvc pull dvc.yaml`): `dvc status dvc.yaml` has nothing
-to report, `dvc repro` runs no stage, the outputs are byte-identical and `cpal-compare` shows the same numbers.
-A remote that cannot be reached or refuses the credentials fails `dvc push` / `dvc pull` with DVC's own
-message and leaves the workspace as it was (no output changed, none half-written, dvc.lock untouched).
+authentication on. Fresh `git clone`s pull it back (`dvc pull --with-deps dvc.yaml`): `dvc status --with-deps
+dvc.yaml` has nothing to report, `dvc repro` runs no stage, the outputs are byte-identical and `cpal-compare`
+shows the same numbers. A remote that cannot be reached or refuses the credentials fails `dvc push` / `dvc pull`
+with DVC's own message and leaves the workspace as it was (no output changed, none half-written, the locks
+untouched).
 
 Remotes are configured as a user would, with `--local` (.dvc/config.local, git-ignored by .dvc/.gitignore):
 nothing about them, secrets least of all, lands in a committed file. Tests never touch the network: S3 runs
@@ -30,15 +31,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from pipeline_workspace import engine_env, run_in, tiny_workspace
+from pipeline_workspace import dvc_repro_plan, engine_env, run_in, tiny_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
 BUCKET = "cpal-team"
-# The default pipeline, what `dvc repro` runs. `dvc pull` and `dvc status` without a target also take in the
-# IRN and AMN branches (branches/*/dvc.yaml): where they never ran, status lists them and pull exits 1 for
-# their outputs (no hash in any dvc.lock), whatever the remote holds (test_plain_pull_stops_at_branches_not_run).
-PIPELINE = "dvc.yaml"
+# The default pipeline, what `dvc repro` runs: dvc.yaml's stages and those of hosts/dvc.yaml they need (the
+# classifier's maps through the CRF). `dvc pull` and `dvc status` without a target also take in the IRN and AMN
+# stages of hosts/dvc.yaml: where they never ran, status lists them and pull exits 1 for their outputs (no hash
+# in any dvc.lock), whatever the remote holds (test_plain_pull_stops_at_branches_not_run).
+PIPELINE = ["--with-deps", "dvc.yaml"]
+LOCKS = ["dvc.lock", "hosts/dvc.lock"]  # where the default pipeline's stages record their outputs
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +76,9 @@ def _sha(path: Path) -> str:
 
 
 def _lock_outs(ws: Path) -> list[str]:
-    """Every output dvc.lock records (metrics and plots included: DVC lists them all under outs)."""
-    lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    return sorted(out["path"] for stage in lock["stages"].values() for out in stage.get("outs") or [])
+    """Every output the locks record (metrics and plots included: DVC lists them all under outs)."""
+    stages = [stage for lock in LOCKS for stage in yaml.safe_load((ws / lock).read_text())["stages"].values()]
+    return sorted(out["path"] for stage in stages for out in stage.get("outs") or [])
 
 
 def _output_files(ws: Path, outs: list[str]) -> dict[str, str]:
@@ -103,12 +106,12 @@ def _clone(finished: Finished, dest: Path) -> Path:
 
 
 def _status(ws: Path, env: dict[str, str] | None = None) -> dict:
-    return json.loads(_ok(ws, [*DVC, "status", "--json", PIPELINE], env).stdout or "{}")
+    return json.loads(_ok(ws, [*DVC, "status", "--json", *PIPELINE], env).stdout or "{}")
 
 
 def _assert_nothing_to_do(clone: Path, finished: Finished, env: dict[str, str] | None = None) -> None:
     assert _status(clone, env) == {}
-    assert "Data and pipelines are up to date." in _ok(clone, [*DVC, "status", PIPELINE], env).stdout
+    assert "Data and pipelines are up to date." in _ok(clone, [*DVC, "status", *PIPELINE], env).stdout
     assert _output_files(clone, _lock_outs(clone)) == finished.outputs  # everything, byte for byte
     res = _ok(clone, [*DVC, "repro"], env)
     assert "Running stage" not in res.stdout, res.stdout[-3000:]
@@ -125,11 +128,11 @@ def _dvc_error(res: subprocess.CompletedProcess, *expected: str) -> str:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """The tiny default pipeline run once, dvc.lock committed, pushed to a shared folder."""
+    """The tiny default pipeline run once, its locks committed, pushed to a shared folder."""
     base = tmp_path_factory.mktemp("team")
     ws = tiny_workspace(base / "ws")
     run_in(ws, [*DVC, "repro", "-q"])
-    run_in(ws, ["git", "add", "dvc.lock"])
+    run_in(ws, ["git", "add", *LOCKS])
     run_in(ws, ["git", "commit", "-qm", "finished run"])
     remote = base / "shared" / "cpal-dvc"  # what `dvc remote add -d --local team /shared/cpal-dvc` points at
     run_in(ws, [*DVC, "remote", "add", "-d", "--local", "team", str(remote)])
@@ -145,7 +148,7 @@ def pulled(finished: Finished, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A fresh clone with the same shared folder configured (--local) and `dvc pull` run."""
     clone = _clone(finished, tmp_path_factory.mktemp("colleague") / "clone")
     _ok(clone, [*DVC, "remote", "add", "-d", "--local", "team", str(finished.remote)])
-    _ok(clone, [*DVC, "pull", PIPELINE])
+    _ok(clone, [*DVC, "pull", *PIPELINE])
     return clone
 
 
@@ -261,7 +264,7 @@ def test_s3_round_trip_with_per_user_credentials(finished: Finished, moto: Moto,
     clone = _clone(finished, tmp_path / "clone")
     _add_s3_remote(clone, "team", moto.url, env, default=True)
     keys = _s3_env(tmp_path, AWS_ACCESS_KEY_ID=moto.key_id, AWS_SECRET_ACCESS_KEY=moto.secret)
-    _ok(clone, [*DVC, "pull", PIPELINE], keys)
+    _ok(clone, [*DVC, "pull", *PIPELINE], keys)
     assert moto.secret not in (clone / ".dvc" / "config.local").read_text()
     _assert_nothing_to_do(clone, finished, keys)
 
@@ -309,10 +312,10 @@ def test_failed_push_changes_nothing(finished: Finished, kind: str, tmp_path: Pa
     setup, env, expected = _unreachable(kind, tmp_path, request)
     _configure(ws, setup, env, default=False)
     try:
-        before, lock = _tree(ws), (ws / "dvc.lock").read_bytes()
+        before, locks = _tree(ws), [(ws / lock).read_bytes() for lock in LOCKS]
         _dvc_error(_run(ws, [*DVC, "push", "-r", "bad"], env), *expected)
         assert _tree(ws) == before  # no output, no dvc.lock, no stray file changed
-        assert (ws / "dvc.lock").read_bytes() == lock
+        assert [(ws / lock).read_bytes() for lock in LOCKS] == locks
         assert _status(ws) == {}
     finally:
         _ok(ws, [*DVC, "remote", "remove", "--local", "bad"], env)
@@ -325,9 +328,9 @@ def test_failed_pull_leaves_the_clone_without_outputs(finished: Finished, kind: 
     setup, env, expected = _unreachable(kind, tmp_path / "remote", request)
     _configure(clone, setup, env, default=True)
     before = _tree(clone)
-    _dvc_error(_run(clone, [*DVC, "pull", PIPELINE], env), *expected)
-    assert _tree(clone) == before  # no output, whole or partial, and dvc.lock as committed
-    assert set(_status(clone)) == set(yaml.safe_load((clone / PIPELINE).read_text())["stages"])  # all to run
+    _dvc_error(_run(clone, [*DVC, "pull", *PIPELINE], env), *expected)
+    assert _tree(clone) == before  # no output, whole or partial, and the locks as committed
+    assert set(_status(clone)) == set(dvc_repro_plan(clone))  # all to run
 
 
 def test_pull_from_an_incomplete_remote_checks_out_only_whole_outputs(finished: Finished, tmp_path: Path) -> None:
@@ -336,22 +339,22 @@ def test_pull_from_an_incomplete_remote_checks_out_only_whole_outputs(finished: 
     remote = tmp_path / "incomplete"
     shutil.copytree(finished.remote, remote)
     lock = yaml.safe_load((finished.ws / "dvc.lock").read_text())
-    model = next(o for o in lock["stages"]["train_seg"]["outs"] if o["path"] == "outputs/seg/model.pt")
+    model = next(o for o in lock["stages"]["train_seg@seg"]["outs"] if o["path"] == "outputs/seg/model.pt")
     (remote / "files" / "md5" / model["md5"][:2] / model["md5"][2:]).unlink()
     clone = _clone(finished, tmp_path / "clone")
     _ok(clone, [*DVC, "remote", "add", "-d", "--local", "team", str(remote)])
-    out = _dvc_error(_run(clone, [*DVC, "pull", PIPELINE]), "failed to pull data")
+    out = _dvc_error(_run(clone, [*DVC, "pull", *PIPELINE]), "failed to pull data")
     assert model["md5"] in out  # DVC names the missing object
     pulled = _output_files(clone, _lock_outs(clone))
     assert "outputs/seg/model.pt" not in pulled
     assert pulled == {k: v for k, v in finished.outputs.items() if k != "outputs/seg/model.pt"}
-    assert set(_status(clone)) == {"train_seg", "eval_seg", "report"}  # only what needs the model reruns
+    assert set(_status(clone)) == {"train_seg@seg", "eval_seg@seg", "report"}  # only what needs the model reruns
 
 
 def test_plain_pull_stops_at_branches_not_run(finished: Finished, tmp_path: Path) -> None:
     """`dvc pull` without a target restores the whole default pipeline, then exits 1 over the IRN/AMN branch
     outputs no dvc.lock has a hash for (DVC's checkout refuses them; `dvc push` only skips them). Hence
-    `dvc pull dvc.yaml` in docs/sharing.md; this keeps that advice honest if DVC changes."""
+    `dvc pull --with-deps dvc.yaml` in docs/sharing.md; this keeps that advice honest if DVC changes."""
     clone = _clone(finished, tmp_path / "clone")
     _ok(clone, [*DVC, "remote", "add", "-d", "--local", "team", str(finished.remote)])
     out = _dvc_error(_run(clone, [*DVC, "pull"]), "Checkout failed for following targets")

@@ -101,18 +101,18 @@ def test_compare_writes_table_plot_and_keeps_notes(tmp_path: Path, monkeypatch: 
 # Freshness along the upstream chain of dvc.lock, and the baseline rows
 
 PSEUDO, FULL = "results/eval_pseudo.json", "results/eval_seg_full.json"
-# stage: (params sections it declares, deps produced by other stages, outs), as in dvc.yaml
+# stage: (params sections it declares, deps produced by other stages, outs), as in dvc.yaml and hosts/dvc.yaml
 PIPELINE = {
     "data": (("data",), (), ("data",)),
     "train_cls": (("params", "train_cls"), ("data",), ("outputs/train_cls/model.pt",)),
     "make_seeds": (("params", "train_cls", "seeds"), ("data", "outputs/train_cls/model.pt"), ("outputs/seeds/maps",)),
-    "eval_seeds": (("params", "seeds"), ("data", "outputs/seeds/maps"), (SEEDS,)),
+    "eval_seeds@cls": (("params", "seeds"), ("data", "outputs/seeds/maps"), (SEEDS,)),
     "pseudo_labels": (("params", "seeds"), ("data", "outputs/seeds/maps"), ("outputs/pseudo/labels",)),
-    "eval_pseudo": (("params", "seeds"), ("data", "outputs/pseudo/labels"), (PSEUDO,)),
-    "train_seg": (("data", "seg"), ("data", "outputs/pseudo/labels"), ("outputs/seg/model.pt",)),  # no `params`
-    "eval_seg": (("seg",), ("data", "outputs/seg/model.pt"), (SEG,)),
-    "train_seg_full": (("data", "seg"), ("data",), ("outputs/seg_full/model.pt",)),
-    "eval_seg_full": (("seg",), ("data", "outputs/seg_full/model.pt"), (FULL,)),
+    "eval_pseudo@pseudo": (("params", "seeds"), ("data", "outputs/pseudo/labels"), (PSEUDO,)),
+    "train_seg@seg": (("data", "seg"), ("data", "outputs/pseudo/labels"), ("outputs/seg/model.pt",)),  # no `params`
+    "eval_seg@seg": (("seg",), ("data", "outputs/seg/model.pt"), (SEG,)),
+    "train_seg@seg_full": (("data", "seg"), ("data",), ("outputs/seg_full/model.pt",)),
+    "eval_seg@seg_full": (("seg",), ("data", "outputs/seg_full/model.pt"), (FULL,)),
 }
 FULL_PARAMS = {**BASE, "data": {"seed": 0}, "train_cls": {"epochs": 10}, "seeds": {"scales": [1.0]},
                "seg": {"epochs": 5}}
@@ -162,7 +162,7 @@ def _targets_run_then_compare(changed: dict, targets: set[str]) -> pd.Series:
 
 def test_k_sweep_up_to_eval_seeds_shows_no_deeplab_number() -> None:
     """The fresh-clone report: K=3 up to eval_seeds showed the workspace's K=5 DeepLab numbers."""
-    row = _targets_run_then_compare({"params": {"K": 3}}, {"train_cls", "make_seeds", "eval_seeds"})
+    row = _targets_run_then_compare({"params": {"K": 3}}, {"train_cls", "make_seeds", "eval_seeds@cls"})
     assert row["seeds_cam"] == 30.0
     for metric in ("pseudo", "deeplab", "deeplab_crf"):
         assert pd.isna(row[metric]) and metric in row["stale"], metric
@@ -172,7 +172,7 @@ def test_k_sweep_up_to_eval_seeds_shows_no_deeplab_number() -> None:
 def test_upstream_change_outside_a_stages_params_is_caught_by_the_hashes() -> None:
     """train_cls.epochs is declared by neither pseudo_labels, eval_pseudo, train_seg nor eval_seg: only the
     dep hashes along the chain show that their inputs were made by another classifier."""
-    row = _targets_run_then_compare({"train_cls": {"epochs": 2}}, {"train_cls", "make_seeds", "eval_seeds"})
+    row = _targets_run_then_compare({"train_cls": {"epochs": 2}}, {"train_cls", "make_seeds", "eval_seeds@cls"})
     assert row["seeds_cam"] == 30.0
     assert pd.isna(row["pseudo"]) and pd.isna(row["deeplab"]) and "deeplab" in row["stale"]
     assert row["upper_bound"] == 33.0
@@ -240,25 +240,28 @@ def test_params_files_read_exponent_floats_as_numbers() -> None:
     assert load_yaml("lr: 1e-3\nclip: 1.0e-5\nn: 10\nq: '1e-3'\n") == {"lr": 1e-3, "clip": 1e-5, "n": 10, "q": "1e-3"}
 
 
-def test_branch_locks_are_merged_so_branch_metrics_can_be_vouched_for(tmp_path: Path) -> None:
-    """IRN's and AMN's stages record into branches/<name>/dvc.lock: the lock reader merges them into the
-    root's, for the workspace and for a committed revision alike."""
+def test_host_locks_are_merged_so_their_metrics_can_be_vouched_for(tmp_path: Path) -> None:
+    """The stages of hosts/dvc.yaml (the CRF and IRN on each host's maps, AMN) record into hosts/dvc.lock, and a
+    revision of the former layout into branches/<name>/dvc.lock: the lock reader merges them into the root's,
+    for the workspace and for a committed revision alike."""
     import subprocess
 
     from cpal.report.experiments import WORKSPACE, git_lock_reader, host_of
 
+    (tmp_path / "hosts").mkdir()
     (tmp_path / "branches" / "amn").mkdir(parents=True)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  data:\n    cmd: x\n")
+    (tmp_path / "hosts" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  eval_pseudo@crf:\n    cmd: z\n")
     (tmp_path / "branches" / "amn" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train_amn:\n    cmd: y\n")
     read = git_lock_reader(tmp_path)
-    assert set(read(WORKSPACE)["stages"]) == {"data", "train_amn"}
+    assert set(read(WORKSPACE)["stages"]) == {"data", "eval_pseudo@crf", "train_amn"}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(git + ["add", "-A"], cwd=tmp_path, check=True)
     subprocess.run(git + ["commit", "-qm", "locks"], cwd=tmp_path, check=True)
-    assert set(read("HEAD")["stages"]) == {"data", "train_amn"}
-    (tmp_path / "dvc.lock").unlink()  # a branch lock alone still counts
-    assert set(read(WORKSPACE)["stages"]) == {"train_amn"}
+    assert set(read("HEAD")["stages"]) == {"data", "eval_pseudo@crf", "train_amn"}
+    (tmp_path / "dvc.lock").unlink()  # the other locks alone still count
+    assert set(read(WORKSPACE)["stages"]) == {"eval_pseudo@crf", "train_amn"}
     assert host_of({"params": {"method": "cpal"}, "pseudo": {"source": "crf"}}) == "cpal classifier"
     assert host_of({"params": {"method": "cam"}, "pseudo": {"source": "amn_crf"},
                     "amn": {"plugin": "loss"}}) == "amn (plugin loss)"

@@ -21,11 +21,12 @@ COMPARED = [
     "results/eval_seg.json", "results/eval_seg_full.json",
     "outputs/amn/metrics.json", "results/eval_amn_seeds.json", "results/eval_amn_crf.json", "results/eval_amn_irn.json",
 ]
-STAGES = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "ir_labels", "train_irn",
-          "refine_irn", "eval_irn", "pseudo_labels", "eval_pseudo",
-          "train_seg", "eval_seg", "train_seg_full", "eval_seg_full", "report",
-          "train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf",
-          "amn_ir_labels", "train_amn_irn", "refine_amn_irn", "eval_amn_irn"]
+# Every job's log (outputs/logs/<name>.log): a rule with a wildcard logs each of its jobs under its own name.
+LOGS = ["data", "train_cls", "make_seeds", "eval_seeds", "refine_crf", "eval_crf", "ir_labels", "train_irn",
+        "refine_irn", "eval_irn", "pseudo_labels", "eval_pseudo",
+        "train_seg", "eval_seg", "train_seg_full", "eval_seg_full", "report",
+        "train_amn", "make_amn_seeds", "eval_amn_seeds", "refine_amn_crf", "eval_amn_crf",
+        "amn_ir_labels", "train_amn_irn", "refine_amn_irn", "eval_amn_irn"]
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,8 @@ def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tiny_workspace(tmp_path_factory.mktemp("dvc") / "ws")
     _run([sys.executable, "-m", "dvc", "repro", "-q"], ws)
-    _run([sys.executable, "-m", "dvc", "repro", "-q", "branches/irn/dvc.yaml"], ws)  # the IRN branch, on request
-    _run([sys.executable, "-m", "dvc", "repro", "-q", "branches/amn/dvc.yaml"], ws)  # the AMN branch, on request
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "hosts/dvc.yaml:eval_pseudo@irn"], ws)  # IRN, on request
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "--glob", "hosts/dvc.yaml:*amn*"], ws)  # AMN, on request
     return ws
 
 
@@ -61,7 +62,7 @@ def test_snakemake_runs_every_stage(snakemake_run: Path) -> None:
                             "results/gallery.html",
                             "outputs/train_cls/model.pt", "outputs/seeds/timing.json"]:
         assert (snakemake_run / path).is_file(), path
-    for log in STAGES:
+    for log in LOGS:
         assert (snakemake_run / "outputs" / "logs" / f"{log}.log").stat().st_size > 0
     metrics = json.loads((snakemake_run / "results" / "eval_seeds.json").read_text())
     assert 0 < metrics["cam"]["miou"] <= 1 and 0 < metrics["pacam"]["miou"] <= 1
@@ -185,8 +186,8 @@ def test_dvc_skips_the_upper_bound_the_same_way(own_photos_run: Path) -> None:
     (ws / "params.yaml").write_text((ws / "outputs" / "params.snakemake.yaml").read_text())
     for p in written:
         (ws / p).unlink()
-    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "train_seg_full"], ws)
-    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "eval_seg_full"], ws)
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "train_seg@seg_full"], ws)
+    _run([sys.executable, "-m", "dvc", "repro", "-q", "-s", "eval_seg@seg_full"], ws)
     for p, before in written.items():
         assert (ws / p).read_bytes() == before, p
 
@@ -217,7 +218,8 @@ def test_dvc_experiment_then_compare(dvc_run: Path, tmp_path: Path) -> None:
     """Last in this file: `dvc exp run` applies its results to the shared workspace."""
     import pandas as pd
 
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-n", "k1", "-S", "params.K=1", "eval_seeds"], dvc_run)
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-q", "-n", "k1", "-S", "params.K=1",
+          "hosts/dvc.yaml:eval_seeds@cls"], dvc_run)
     out = tmp_path / "experiments"
     _run([sys.executable, "-m", "cpal.report.compare", "--out", str(out)], dvc_run)
     table = pd.read_csv(out.with_suffix(".csv"))

@@ -21,7 +21,7 @@ def gpu_rules() -> set[str]:
     """Rules of the Snakefile that declare a `gpu` resource: the ones that run a network."""
     text = (ROOT / "Snakefile").read_text()
     return {block.split(":", 1)[0].strip() for block in re.split(r"^rule ", text, flags=re.M)[1:]
-            if re.search(r"^\s+gpu=", block, flags=re.M)}
+            if re.search(r"^\s+resources:.*\bgpu=", block, flags=re.M)}
 
 
 def test_slurm_profile_dry_run_routes_gpu_rules_to_the_gpu_partition() -> None:

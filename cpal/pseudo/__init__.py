@@ -1,1 +1,2 @@
-"""Pseudo-masks (stages `pseudo_labels`, `eval_pseudo`, `eval_crf`, `eval_irn`) from seeds, CRF or IRN maps."""
+"""Pseudo-masks (stage `pseudo_labels`) from seeds, CRF or IRN maps, and their evaluation (`eval_pseudo`: of the
+pseudo-masks and of each host's CRF and IRN maps)."""

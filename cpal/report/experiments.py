@@ -1,6 +1,6 @@
 """DVC experiments as a result table: `dvc exp show --json` -> one row per experiment, plot per swept param.
 
-A metric counts only where the experiment actually produced it. `dvc exp run ... eval_crf` (a target)
+A metric counts only where the experiment actually produced it. `dvc exp run ... hosts/dvc.yaml:eval_pseudo@crf`
 leaves later result files (results/eval_seg.json, ...) as the workspace had them; reporting those
 against the experiment's params would be wrong, and the params alone cannot tell (train_seg declares no
 `params` section, yet reads pseudo-masks made with `params.K`). So a metric is kept only if, in the
@@ -67,8 +67,9 @@ WORKSPACE = "workspace"
 
 def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
     """Reads dvc.lock as committed at a revision, or on disk for "workspace" (None where there is none), with
-    the stages of the branches' own locks (branches/*/dvc.lock: IRN, AMN) merged in, so their metrics can be
-    vouched for like the root's."""
+    the stages of the pipeline's other locks merged in (hosts/dvc.lock: the stages on a host's seed maps, the
+    default path's among them; any other <folder>/dvc.lock likewise), so their metrics can be vouched for
+    like the root's."""
 
     def show(rev: str, path: str) -> dict[str, Any] | None:
         if rev == WORKSPACE:
@@ -77,20 +78,20 @@ def git_lock_reader(repo: Path) -> Callable[[str], dict[str, Any] | None]:
         out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
         return load_yaml(out.stdout) if out.returncode == 0 else None
 
-    def branch_locks(rev: str) -> list[str]:
+    def other_locks(rev: str) -> list[str]:
         if rev == WORKSPACE:
-            return sorted(str(p.relative_to(repo)) for p in Path(repo).glob("branches/*/dvc.lock"))
-        out = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "branches"], cwd=repo, capture_output=True,
-                             text=True)
+            return sorted(str(p.relative_to(repo)) for pattern in ("*/dvc.lock", "*/*/dvc.lock")
+                          for p in Path(repo).glob(pattern))
+        out = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev], cwd=repo, capture_output=True, text=True)
         return sorted(p for p in out.stdout.split() if p.endswith("/dvc.lock")) if out.returncode == 0 else []
 
     def read(rev: str) -> dict[str, Any] | None:
         lock = show(rev, "dvc.lock")
-        for path in branch_locks(rev):
-            branch = show(rev, path)
-            if branch and branch.get("stages"):
-                lock = lock or {"schema": branch.get("schema"), "stages": {}}
-                lock.setdefault("stages", {}).update(branch["stages"])
+        for path in other_locks(rev):
+            other = show(rev, path)
+            if other and other.get("stages"):
+                lock = lock or {"schema": other.get("schema"), "stages": {}}
+                lock.setdefault("stages", {}).update(other["stages"])
         return lock
 
     return read

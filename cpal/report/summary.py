@@ -188,7 +188,7 @@ def markdown(rows: list[dict[str, Any]], method: str, machine: str, command: str
         "`run.seed` moves the seed rows is in `results/seeds.md` (seed-to-seed std of the 3-seed benchmark).",
         "The IRN branch is off the default path and not in this table (with `pseudo.source: irn` the",
         "pseudo-mask row is IRN's): `snakemake --cores 2 results/eval_irn.json` or",
-        "`dvc repro branches/irn/dvc.yaml` writes its numbers to results/eval_irn.json.",
+        "`dvc repro hosts/dvc.yaml:eval_pseudo@irn` writes its numbers to results/eval_irn.json.",
         "",
         "![per-class IoU](report_per_class.png)",
         "",

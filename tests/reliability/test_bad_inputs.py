@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pipeline_workspace import dvc_stages
 
 from cpal.core.io import save_label_png
 from cpal.core.training import load_checkpoint
@@ -250,13 +251,11 @@ WRONG = [
 
 
 def _dvc_commands() -> dict[str, str]:
-    """Every stage command exactly as dvc.yaml (and branches/*/dvc.yaml) has it, with the tiny preset's
-    interpolated values."""
-    stages = {}
-    for dvc_file in [ROOT / "dvc.yaml", *sorted((ROOT / "branches").glob("*/dvc.yaml"))]:
-        stages.update(yaml.safe_load(dvc_file.read_text())["stages"])
-    values = {"data.dir": "data/tiny", "pseudo.source": "crf", "amn.seed_threshold": str(TINY["amn"]["seed_threshold"])}
-    return {name: re.sub(r"\$\{([\w.]+)\}", lambda m: values[m[1]], stage["cmd"]) for name, stage in stages.items()}
+    """Every stage command exactly as DVC runs it (dvc.yaml and hosts/dvc.yaml, a foreach stage's items one by
+    one), with the tiny preset's dataset folder."""
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["dir"]
+    return {stage["name"]: stage["cmd"].replace(f" {default} ", f" {TINY['data']['dir']} ")
+            for stage in dvc_stages().values()}
 
 
 @pytest.mark.slow

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_workspace import tiny_workspace
+from pipeline_workspace import DVC_FILES, dvc_repro_plan, dvc_stages, tiny_workspace
 
-from .helpers import ROOT, env, wait_for
+from .helpers import env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,10 @@ SECOND_REPRO_LIMIT_S = 3.0
 
 
 def metrics_files() -> list[str]:
-    """Every metrics or plots data file dvc.yaml declares, timing files and images excluded."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    files = []
-    for stage in stages.values():
-        for entry in stage.get("metrics", []) + stage.get("plots", []):
-            name = entry if isinstance(entry, str) else next(iter(entry))
-            if "timing" not in Path(name).name and Path(name).suffix in (".json", ".csv"):
-                files.append(name)
-    return sorted(files)
+    """Every metrics or plots data file of the stages `dvc repro` runs, timing files and images excluded."""
+    stages = dvc_stages()
+    return sorted(name for stage in dvc_repro_plan() for name in stages[stage]["metrics"]
+                  if "timing" not in Path(name).name and Path(name).suffix in (".json", ".csv"))
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
@@ -108,7 +103,7 @@ def test_same_seed_gives_byte_identical_metrics(dvc_runs: dict) -> None:
     """
     first, second = dvc_runs["first"], dvc_runs["second"]
     files = metrics_files()
-    assert len(files) >= 10, files  # the default DAG's (the IRN branch's eval_irn is in branches/irn/dvc.yaml)
+    assert len(files) >= 10, files  # the default DAG's (IRN's eval_pseudo@irn is off it)
     print("compared:", ", ".join(files))
     for name in files:
         a, b = (first / name).read_bytes(), (second / name).read_bytes()
@@ -119,9 +114,11 @@ def test_same_seed_gives_byte_identical_metrics(dvc_runs: dict) -> None:
 
 
 def _cached_outs(ws: Path) -> dict[str, str]:
-    """Hash of every output DVC caches (timing files and the machine-stamped results/ excluded)."""
-    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    return {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])
+    """Hash of every output DVC caches (timing files and the machine-stamped results/ excluded), from the lock of
+    each DVC file."""
+    stages = [stage for path in DVC_FILES for stage in yaml.safe_load((ws / path).with_suffix(".lock").read_text())
+              ["stages"].values()]
+    return {o["path"]: o["md5"] for stage in stages for o in stage.get("outs", [])
             if "timing" not in o["path"] and not o["path"].startswith("results/")}
 
 
