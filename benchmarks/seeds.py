@@ -53,7 +53,7 @@ def settings_id(params: dict) -> str:
     return config_fingerprint(method, params["train_cls"], params["seeds"], params["data"])[:10]
 
 LEGACY = "first-release"  # rows written before fingerprints: ResNet-18 from scratch, 10 epochs
-GOALS = (  # (what, (method, map), (method, map), minimum paired gain in points): the CPAL issue's goal
+GOALS = (  # (what, (method, map), (method, map), minimum paired gain in points): this project's goal
     ("SIPE over plain CAM", ("sipe", "pacam"), ("cam", "cam"), 6.0),
     ("CPAL over SIPE (the context part)", ("cpal", "pacam"), ("sipe", "pacam"), 2.0),
     ("CPAL over plain CAM", ("cpal", "pacam"), ("cam", "cam"), 8.0),
@@ -181,7 +181,7 @@ def _differences(df: pd.DataFrame) -> list[str]:
 
 
 def _goals(df: pd.DataFrame) -> list[str]:
-    lines = ["Goals of the issue (paired by seed, mean of the seeds, sweep protocol for every map):", ""]
+    lines = ["Goals of this project (paired by seed, mean of the seeds, sweep protocol for every map):", ""]
     for what, a, b, goal in GOALS:
         d = paired_diff(df, a, b)
         if len(d) == 0:

@@ -1,4 +1,4 @@
-"""Stage `dataset_figure`: sample images beside their ground-truth masks, for the README."""
+"""Stage `dataset_figure`: sample images beside their ground-truth masks, for docs/pipeline.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The embedded dataset: every difficulty the README lists ("The embedded dataset") is checked on its files."""
+"""The embedded dataset: every difficulty docs/pipeline.md lists ("The embedded dataset") is checked on its files."""
 
 from __future__ import annotations
 

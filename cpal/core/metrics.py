@@ -1,7 +1,7 @@
 """The one metrics module: streaming confusion-matrix mIoU for seeds, pseudo-masks and DeepLab alike.
 
-Protocol (README, "Evaluation protocol"): pixels labelled 255 in the ground truth are ignored; a class absent from
-both prediction and ground truth over the whole set is excluded from the mean (nanmean).
+Protocol (docs/results.md, "Evaluation protocol"): pixels labelled 255 in the ground truth are ignored;
+a class absent from both prediction and ground truth over the whole set is excluded from the mean (nanmean).
 """
 
 from __future__ import annotations

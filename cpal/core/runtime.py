@@ -137,8 +137,8 @@ def keep_freed_memory() -> bool:
     By default glibc maps each block above 128 KiB-32 MiB afresh with mmap and unmaps it on free, so
     every activation tensor of every forward and backward pass is page-faulted in anew: on 2 cores that
     first touch was a quarter of a Lite0 forward (torch.profiler shows it as `aten::fill_` of the "same"
-    padding), and a Lite0 forward of 16 images at 256 px ran 1.9x faster without it (README,
-    Performance). The cost: a stage keeps its peak memory until it exits. Returns whether it took
+    padding), and a Lite0 forward of 16 images at 256 px ran 1.9x faster without it
+    (docs/performance.md). The cost: a stage keeps its peak memory until it exits. Returns whether it took
     effect (False off glibc).
     """
     if not sys.platform.startswith("linux"):

@@ -1,7 +1,7 @@
 """The embedded dataset: generated images in VOC layout that carry the difficulties CPAL targets.
 
-See the README, "The embedded dataset". A laptop must be able to run the whole pipeline, so the default dataset is drawn
-here in seconds instead of downloaded; it is built to be hard in the ways real WSSS data is hard:
+See docs/pipeline.md, "The embedded dataset". A laptop must be able to run the whole pipeline, so the default
+dataset is drawn here in seconds instead of downloaded; it is built to be hard in the ways real WSSS data is hard:
 
 - cat and dog share body families (poses), textures and colour palettes and differ only by a small
   mark on the head (shape and colour), so only the mark separates them (on data like this, docs/method.md

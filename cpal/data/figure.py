@@ -1,4 +1,4 @@
-"""Figures for the report and README. matplotlib is imported inside each function (Agg backend), so
+"""Figures for the report and the docs. matplotlib is imported inside each function (Agg backend), so
 importing this module costs nothing and needs no display.
 """
 

@@ -99,7 +99,7 @@ def make_pseudo_labels(dataset: VOCDataset, source: str, inputs: Path, out_dir: 
 def evaluate_pseudo_labels(dataset: VOCDataset, folder: Path, progress: bool = False) -> dict[str, Any]:
     """mIoU of the pseudo-masks against ground truth (a 255 counts as a miss) and on confident pixels only.
 
-    `miou` is the protocol number (README, "Evaluation protocol": abstaining cannot raise it); `miou_confident`
+    `miou` is the protocol number (docs/results.md, "Evaluation protocol": abstaining cannot raise it); `miou_confident`
     excludes pixels the pseudo-mask ignores, i.e. the precision side of the coverage trade-off;
     `ignored_fraction` is the share of all pixels set to 255, `ignored_fraction_labelled` the share
     of ground-truth-labelled pixels. A split without masks gets no score (`ground_truth: false`), only

@@ -1,8 +1,8 @@
 """DeepLab evaluation on the val split (stage `eval_seg`): multi-scale + flip inference, optional dense CRF.
 
 Softmax probabilities are averaged over scales and flips at the image's own resolution; mIoU and
-per-class IoU come from cpal.core.metrics (README, "Evaluation protocol"). The CRF result is reported beside the plain
-one, never instead of it.
+per-class IoU come from cpal.core.metrics (docs/results.md, "Evaluation protocol"). The CRF result is reported
+beside the plain one, never instead of it.
 """
 
 from __future__ import annotations
