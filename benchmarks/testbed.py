@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from cpal.core.config import load_params, load_yaml, merge, validate_params
 from cpal.core.io import atomic_path, write_text
@@ -36,6 +37,7 @@ STEPS = {
     "amn": {"seeds": ("amn_seeds", ["train_amn", "make_amn_seeds"]), "crf": ("amn_crf", ["refine_amn_crf"]),
             "irn": ("amn_irn", ["amn_ir_labels", "train_amn_irn", "refine_amn_irn"])},
 }
+DONE = "testbed.done"  # written when a folder's targets (and CRF sweep) are complete
 COLUMNS = ["regime", "image_size", "grid", "column", "seed", "step", "miou", "seconds"]
 
 
@@ -51,24 +53,38 @@ def regime_params(spec: dict, regime: str, seed: int) -> dict:
         raise SystemExit(str(error)) from None
 
 
-def run_regime(work: Path, params: dict, targets: list[str]) -> float:
-    """Snakemake on this checkout's Snakefile with `work` as its folder; returns the peak RSS (MiB) of a stage."""
+def run_regime(work: Path, params: dict, targets: list[str], extra: dict | None = None) -> None:
+    """Snakemake on this checkout's Snakefile with `work` as its folder (`extra` merged over its params.yaml as a
+    --configfile)."""
     work.mkdir(parents=True, exist_ok=True)
-    with atomic_path(work / "params.yaml") as tmp:
-        import yaml
-
-        tmp.write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (work / "params.yaml").is_file() or load_params(work / "params.yaml") != params:
+        write_text(work / "params.yaml", yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = ["snakemake", *targets, "-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "2", "--quiet", "progress"]
+    if extra:
+        write_text(work / "extra.yaml", yaml.safe_dump(extra, sort_keys=False))
+        cmd += ["--configfile", "params.yaml", "extra.yaml"]
     with open(work / "snakemake.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of Snakemake and every stage it waited for
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"Snakemake failed in {work} (exit {proc.returncode}): see {work / 'snakemake.log'}")
-    peak = usage.ru_maxrss / 1024
-    (work / "peak_rss_mib.txt").write_text(f"{peak:.0f}\n")
-    return peak
+        code = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"Snakemake failed in {work} (exit {code}): see {work / 'snakemake.log'}")
+
+
+def crf_sweep(work: Path, params: dict, planes: list[float]) -> dict[str, float]:
+    """The CRF's background plane picked with ground truth, as crf.bg_threshold was for the embedded default
+    (docs/method.md): CAM +CRF mIoU per plane, then the best plane written into the folder's params.yaml
+    (so its eval_crf.json is the best plane's; IRN and AMN do not read crf.bg_threshold)."""
+    done = work / "crf_sweep.json"
+    sweep = load_yaml(done.read_text()) if done.is_file() else {}
+    for plane in planes:
+        if str(plane) in sweep:
+            continue
+        run_regime(work, params, ["results/eval_crf.json"], {"crf": {"bg_threshold": plane}})
+        sweep[str(plane)] = load_yaml((work / "results" / "eval_crf.json").read_text())["miou"]
+        write_text(done, yaml.safe_dump(sweep))
+    best = max(sweep, key=sweep.get)
+    run_regime(work, merge(params, {"crf": {"bg_threshold": float(best)}}), ["results/eval_crf.json"])
+    return sweep
 
 
 def rows_of(work: Path, regime: str, params: dict, seed: int) -> list[dict]:
@@ -87,7 +103,7 @@ def rows_of(work: Path, regime: str, params: dict, seed: int) -> list[dict]:
                 value = value[key]
             secs = [stage_seconds(work / "outputs" / "logs" / f"{s}.log") for s in stages]
             rows.append({"regime": regime, "image_size": size, "grid": grid, "column": column, "seed": seed,
-                         "step": step, "miou": round(100 * float(value), 2),
+                         "step": step, "miou": round(100 * float(value), 4),
                          "seconds": sum(s for s in secs if s is not None)})
     return rows
 
@@ -104,7 +120,7 @@ def orderings(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_tables(df: pd.DataFrame, out_dir: Path, command: str, peaks: dict[str, float]) -> None:
+def write_tables(df: pd.DataFrame, out_dir: Path, command: str, peaks: dict[str, tuple[str, float]]) -> None:
     df.to_csv(out_dir / "testbed.csv", index=False)
     order = list(dict.fromkeys(df["regime"]))
     mean = df.groupby(["regime", "column", "step"])["miou"].agg(["mean", "std", "count"])
@@ -136,14 +152,16 @@ def write_tables(df: pd.DataFrame, out_dir: Path, command: str, peaks: dict[str,
     lines += ["", "## The orderings, paired by seed (points; VOC: CRF alone about +5, IRN well above the CRF, "
               "AMN's masks above CAM's)", "",
               "| regime | CRF over CAM seeds (goal <= +10) | IRN over CRF (goal >= +3) | AMN masks over CAM's best "
-              "(goal >= +2) | AMN seeds over CAM's | peak stage RSS (MiB) |", "| --- | --- | --- | --- | --- | --- |"]
+              "(goal >= +2) | AMN seeds over CAM's | largest stage peak RSS, MiB (stage) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for regime in order:
         if regime not in o.index.get_level_values(0):
             continue
         sub = o.loc[regime]
         cell = [f"{sub[c].mean():+.1f}" + (f" ± {sub[c].std():.1f}" if len(sub) > 1 else "")
                 for c in o.columns]
-        lines.append(f"| {regime} | " + " | ".join(cell) + f" | {peaks.get(regime, float('nan')):.0f} |")
+        stage, mib = peaks.get(regime, ("", float("nan")))
+        lines.append(f"| {regime} | " + " | ".join(cell) + f" | {mib:.0f} ({stage}) |")
     lines += ["", "![orderings per regime](testbed.png)", ""]
     write_text(out_dir / "testbed.md", "\n".join(lines))
     plot(o, order, out_dir / "testbed.png", command)
@@ -183,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", type=Path, default=ROOT / "benchmarks" / "testbed.yaml")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "benchmarks" / "testbed")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--crf-planes", nargs="*", type=float, default=[0.3, 0.4, 0.5, 0.6],
+                    help="crf.bg_threshold values swept per regime (picked with ground truth); none: params' own")
     args = ap.parse_args(argv)
     spec = load_yaml(args.spec.read_text())
     plan = [(r, s, regime_params(spec, r, s)) for r in args.regimes for s in args.seeds]  # all checked first
@@ -190,27 +210,47 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / regime / f"seed{seed}"
         start = time.perf_counter()
         print(f"[testbed] {regime} seed {seed} in {work}", flush=True)
+        sweep = work / "crf_sweep.json"
+        if sweep.is_file():  # a finished sweep's best plane, so the resumed run changes nothing
+            best = load_yaml(sweep.read_text())
+            params = merge(params, {"crf": {"bg_threshold": float(max(best, key=best.get))}})
         run_regime(work, params, spec["targets"])
+        if args.crf_planes:
+            crf_sweep(work, params, args.crf_planes)
+        (work / DONE).write_text("finished\n")
         print(f"[testbed] {regime} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-        collect(spec, args.work, args.out)
+        collect(spec, args.work, args.out, args.crf_planes)
     return 0
 
 
-def collect(spec: dict, work_root: Path, out: Path) -> None:
+def log_peak(logs: Path) -> tuple[str, float]:
+    """(stage, MiB) of the largest peak RSS any stage log of the folder records (each stage logs its own)."""
+    best = ("", 0.0)
+    for log in logs.glob("*.log"):
+        for line in log.read_text().splitlines():
+            if "peak_rss_mib=" in line:
+                mib = float(line.rsplit("peak_rss_mib=", 1)[1].split()[0])
+                best = max(best, (log.stem, mib), key=lambda b: b[1])
+    return best
+
+
+def collect(spec: dict, work_root: Path, out: Path, planes: list[float]) -> None:
     """Tables from every finished folder under work_root (regimes in the spec's order), not only this call's."""
     rows, peaks, done = [], {}, {}
     for regime in spec["regimes"]:
         for work in sorted((work_root / regime).glob("seed*")):
-            if not (work / "peak_rss_mib.txt").is_file():
+            if not (work / DONE).is_file():
                 continue
             seed = int(work.name[4:])
             rows += rows_of(work, regime, load_params(work / "params.yaml"), seed)
-            peaks[regime] = max(peaks.get(regime, 0.0), float((work / "peak_rss_mib.txt").read_text()))
+            stage, mib = log_peak(work / "outputs" / "logs")
+            if mib > peaks.get(regime, ("", 0.0))[1]:
+                peaks[regime] = (stage, mib)
             done.setdefault(regime, []).append(seed)
     if rows:
         seeds = sorted({s for v in done.values() for s in v})
         command = ("python benchmarks/testbed.py --regimes " + " ".join(done) + " --seeds "
-                   + " ".join(map(str, seeds)))
+                   + " ".join(map(str, seeds)) + " --crf-planes " + " ".join(map(str, planes)))
         write_tables(pd.DataFrame(rows, columns=COLUMNS), out, command, peaks)
 
 
