@@ -28,13 +28,6 @@ def add_map_argument(p: argparse.ArgumentParser, section: str, choices: tuple[st
                    help=f"the seed map to read (default: {section}.map; AMN's seed files hold only cam)")
 
 
-def with_map(params: dict[str, Any], section: str, map_key: str | None) -> dict[str, Any]:
-    """params with ``section.map`` set to ``map_key`` (None: unchanged)."""
-    if map_key is None:
-        return params
-    return {**params, section: {**params[section], "map": map_key}}
-
-
 def start(args: argparse.Namespace, name: str,
           check: Callable[[dict[str, Any], str], None] | None = None) -> tuple[logging.Logger, dict[str, Any]]:
     """Open the stage's log and load validated params; a bad params file exits with status 2, as does one that

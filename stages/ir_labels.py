@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.data.voc import VOCDataset
 from cpal.irn.labels import make_ir_labels
-from cpal.seeds.store import MAP_KEYS, resolve_map
-from stages.common import add_map_argument, parser, start, with_map
+from cpal.seeds.refinement import refinement_inputs
+from cpal.seeds.store import MAP_KEYS
+from stages.common import add_map_argument, parser, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "ir_labels")
-    params = with_map(params, "irn", args.map)
-    dataset = VOCDataset(args.data, params["seeds"]["split"])
-    cfg = resolve_map(params["irn"], params["params"]["method"])
+    dataset, cfg = refinement_inputs(params, "irn", args.data, args.map)
     make_ir_labels(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
                    progress=not args.no_progress)
     return 0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from cpal.core.io import write_json
 from cpal.crf.refine import refine_with_crf
-from cpal.data.voc import VOCDataset
-from cpal.seeds.store import MAP_KEYS, resolve_map
-from stages.common import add_map_argument, parser, start, with_map
+from cpal.seeds.refinement import refinement_inputs
+from cpal.seeds.store import MAP_KEYS
+from stages.common import add_map_argument, parser, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "refine_crf")
-    params = with_map(params, "crf", args.map)
-    dataset = VOCDataset(args.data, params["seeds"]["split"])
-    cfg = resolve_map(params["crf"], params["params"]["method"])
+    dataset, cfg = refinement_inputs(params, "crf", args.data, args.map)
     timing = refine_with_crf(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
                              progress=not args.no_progress)
     write_json(args.timing, timing)

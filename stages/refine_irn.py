@@ -8,7 +8,7 @@ from pathlib import Path
 from cpal.core.io import write_json
 from cpal.irn.refine import refine_irn
 from cpal.seeds.store import MAP_KEYS
-from stages.common import add_map_argument, parser, start, with_map
+from stages.common import add_map_argument, parser, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     log, params = start(args, "refine_irn")
-    params = with_map(params, "irn", args.map)
     timing = refine_irn(params, Path(args.data), Path(args.seeds), Path(args.irn), Path(args.out), log,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, map_key=args.map)
     write_json(args.timing, timing)
     return 0
 

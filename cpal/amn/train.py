@@ -182,15 +182,10 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
             n = images.shape[0]
             terms.add(out, n)
             bar.set_postfix(loss=f"{terms.loss:.4f}")
-        seconds = time.perf_counter() - t0
-        record = terms.means()
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=terms.seen / max(seconds, 1e-9), lr=loop.lr)
-        history.append(record)
+        record = loop.epoch_record(epoch, terms, t0)
         if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):
             return {"stopped_after_epoch": epoch + 1}
 
-    # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
-    timed = ("seconds", "images_per_s")
     metrics = {
         "backbone": cfg["backbone"],
         "plugin": cfg["plugin"],
@@ -202,8 +197,5 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "class_pixels": dict(zip(train_set.classes, data.class_pixels.tolist(), strict=True)),
         "bank_filled": (dict(zip(train_set.classes[1:], model.cpal.bank.count.tolist(), strict=True))
                         if model.cpal is not None else None),
-        "final_loss": history[-1]["loss"] if history else None,
-        "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    loop.finish(model, meta, metrics, history)
-    return metrics
+    return loop.finish(model, meta, metrics, history)

@@ -208,24 +208,11 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
             loop.step(loss, model.parameters(), cfg["grad_clip"])  # SIPE clips the gradient norm at 1
             terms.add(out, n)
             bar.set_postfix(loss=f"{terms.loss:.4f}")
-        if ctx.distributed:  # per-image sums over every rank: the single-process epoch means
-            terms.reduce(ctx)
-        seconds = time.perf_counter() - t0
-        record = terms.means()
+        record = loop.epoch_record(epoch, terms, t0)
         val_map = evaluate_map(model, val_set, device, cfg["batch_size"]) if ctx.is_main else None
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=terms.seen / seconds,
-                      lr=loop.lr, val_map=ctx.broadcast_float(val_map))
-        history.append(record)
+        record["val_map"] = ctx.broadcast_float(val_map)
         if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):
             return {"stopped_after_epoch": epoch + 1}
 
-    # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
-    timed = ("seconds", "images_per_s")
-    metrics = {
-        "epochs": cfg["epochs"],
-        "final_loss": history[-1]["loss"] if history else None,
-        "val_map": history[-1]["val_map"] if history else None,
-        "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
-    }
-    loop.finish(model, meta, metrics, history)
-    return metrics
+    return loop.finish(model, meta, {"epochs": cfg["epochs"], "val_map": history[-1]["val_map"] if history else None},
+                       history)

@@ -1,4 +1,5 @@
-"""The set-up and bookkeeping every resumable training stage shares (train_cls, train_seg), written once.
+"""The set-up and bookkeeping every resumable training stage shares (train_cls, train_seg, train_amn,
+train_irn), written once.
 
 Determinism and seeds first (so a network built afterwards gets the same initial weights in every run),
 then the optimizer with its poly schedule and AMP grad scaler, resumption from ``out_dir/resume.pt``,
@@ -9,6 +10,7 @@ checkpoint) and the final files. The stage keeps what differs: data, model, loss
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cpal.core.distributed import DistContext
 from cpal.core.runtime import seed_everything
 from cpal.core.training import (
+    EpochMeans,
     amp_scaler,
     build_optimizer,
     load_resume,
@@ -32,12 +35,18 @@ from cpal.core.training import (
     write_training_outputs,
 )
 
+TIMED = ("seconds", "images_per_s")  # epoch record keys that go to timing.json, not metrics.json
+
 
 class ResumableTraining:
-    """One training run of a stage: ``name`` prefixes its dvclive metrics and progress bars."""
+    """One training run of a stage: ``name`` prefixes its dvclive metrics and progress bars.
 
-    def __init__(self, name: str, ctx: DistContext, out_dir: Path, log: logging.Logger, seed: int) -> None:
+    ``dvclive`` False keeps no dvclive record (train_irn never had one: its output folder stays as it was)."""
+
+    def __init__(self, name: str, ctx: DistContext, out_dir: Path, log: logging.Logger, seed: int,
+                 dvclive: bool = True) -> None:
         self.name, self.ctx, self.device, self.out_dir, self.seed = name, ctx, ctx.device, Path(out_dir), seed
+        self.with_dvclive = dvclive
         set_determinism(self.device)
         seed_everything(seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +74,7 @@ class ResumableTraining:
         ``fingerprint`` (None: start over), then open dvclive (appending when resumed) on the main rank."""
         self.fingerprint = fingerprint
         state = load_resume(self.resume_path, fingerprint, self.stateful, self.device, self.log)
-        if self.ctx.is_main:
+        if self.ctx.is_main and self.with_dvclive:
             self.live = open_dvclive(self.out_dir / "dvclive", resume=state is not None and state["epoch"] > 0)
         return state
 
@@ -83,11 +92,22 @@ class ResumableTraining:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def epoch_record(self, epoch: int, terms: EpochMeans, t0: float) -> dict[str, Any]:
+        """The epoch's loss means (summed over the ranks under DDP), its number, seconds since ``t0``,
+        images/s and the learning rate: the record :meth:`end_epoch` keeps, a stage adding its own figures."""
+        if self.ctx.distributed:  # per-image sums over every rank: the single-process epoch means
+            terms.reduce(self.ctx)
+        seconds = time.perf_counter() - t0
+        record = terms.means()
+        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=terms.seen / max(seconds, 1e-9), lr=self.lr)
+        return record
+
     def end_epoch(self, epoch: int, n_epochs: int, record: dict[str, Any], history: list[dict[str, Any]],
                   meta: dict[str, Any], stop_after_epoch: int | None, **extra: Any) -> bool:
-        """Log the epoch's record, checkpoint for resumption (``extra`` saved beside it) and say whether to
-        stop early as asked (``stop_after_epoch``, for tests of resumption). ``record`` is already in
-        ``history``; its ``epoch`` and ``step`` keys are not sent to dvclive."""
+        """Add the epoch's record to ``history``, log it, checkpoint for resumption (``extra`` saved beside it)
+        and say whether to stop early as asked (``stop_after_epoch``, for tests of resumption). The record's
+        ``epoch`` and ``step`` keys are not sent to dvclive."""
+        history.append(record)
         self.info("epoch %d/%d: %s", epoch + 1, n_epochs,
                   ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if self.live is not None:
@@ -105,8 +125,14 @@ class ResumableTraining:
         return False
 
     def finish(self, model: nn.Module, meta: dict[str, Any], metrics: dict[str, Any], history: list[dict[str, Any]],
-               **timing_extra: Any) -> None:
-        """model.pt (meta + weights), metrics.json, timing.json (``timing_extra`` added); the resume file goes."""
+               **timing_extra: Any) -> dict[str, Any]:
+        """model.pt (meta + weights), metrics.json, timing.json (``timing_extra`` added); the resume file goes.
+
+        metrics.json is the stage's ``metrics`` with the final loss and the history added, the history without
+        its timings: those go to timing.json, so metrics.json is byte-identical across runs with the same seed
+        on CPU. Returns what metrics.json holds."""
+        metrics = {**metrics, "final_loss": history[-1]["loss"] if history else None,
+                   "history": [{k: v for k, v in h.items() if k not in TIMED} for h in history]}
         if self.live is not None:
             self.live.end()
         timing = timing_summary(history, self.device, self.ctx.world_size if self.ctx.distributed else 1,
@@ -115,3 +141,4 @@ class ResumableTraining:
         write_training_outputs(self.out_dir, self.ctx.is_main, {"meta": meta, "model": model.state_dict()}, metrics,
                                timing, self.resume_path)
         self.ctx.barrier()
+        return metrics

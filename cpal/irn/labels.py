@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from cpal.core.io import inputs_stamp, partial_folder, publish_folder, save_label_png
-from cpal.core.training import config_fingerprint
+from cpal.core.io import save_label_png
 from cpal.data.voc import VOCDataset
 from cpal.irn.thresholds import resolve_planes
+from cpal.seeds.refinement import resumable_maps
 from cpal.seeds.store import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 
 IGNORE = 255
@@ -99,14 +99,6 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     if derived:
         log.info("IRN planes from the seeds' own score histogram (Otsu, no ground truth): %s", derived)
     keys = ("map", "fg_threshold", "bg_threshold", "label_crf")
-    fingerprint = config_fingerprint({k: cfg[k] for k in keys}, dataset.ids,
-                                     inputs_stamp([seed_path(seed_dir, i) for i in dataset.ids]))
-    partial = partial_folder(out_dir, fingerprint)
-    todo = [i for i in dataset.ids if not (partial / f"{i}.png").is_file()]
-    if len(todo) < len(dataset.ids):
-        log.info("continuing %s: %d of %d labels already written", partial, len(dataset.ids) - len(todo),
-                 len(dataset.ids))
-    t0 = time.perf_counter()
     counts = np.zeros(3, dtype=np.int64)  # foreground, background, ignore pixels
 
     def load(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,41 +106,21 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
         maps, k = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
         return image, maps, k
 
-    def store(image_id: str, label: np.ndarray) -> None:
-        save_label_png(partial / f"{image_id}.png", label)
-        counts[:] += [int(((label > 0) & (label < IGNORE)).sum()), int((label == 0).sum()),
-                      int((label == IGNORE).sum())]
+    with resumable_maps(out_dir, seed_dir, dataset.ids, {k: cfg[k] for k in keys}, log, "ir_labels", progress,
+                        kind="labels") as (partial, todo, bar):
+        t0 = time.perf_counter()
 
-    bar = tqdm(total=len(todo), desc="ir_labels", disable=not progress)
-    if workers <= 0:
-        for image_id in todo:
-            store(image_id, _label_task(*load(image_id), cfg))
+        def store(image_id: str, label: np.ndarray) -> None:
+            save_label_png(partial / f"{image_id}.png", label)
+            counts[:] += [int(((label > 0) & (label < IGNORE)).sum()), int((label == 0).sum()),
+                          int((label == IGNORE).sum())]
             bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            pending: dict[Future, str] = {}
-            queue = iter(todo)
-            try:
-                while True:
-                    while len(pending) < 2 * workers:
-                        image_id = next(queue, None)
-                        if image_id is None:
-                            break
-                        pending[pool.submit(_label_task, *load(image_id), cfg)] = image_id
-                    if not pending:
-                        break
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        image_id = pending.pop(fut)
-                        store(image_id, fut.result())
-                        bar.update(1)
-            except BrokenProcessPool as exc:
-                raise RuntimeError(
-                    f"ir_labels: a worker process died (killed, or out of memory?) while labelling "
-                    f"{sorted(pending.values())[:5]}; nothing was published to {out_dir}. Rerun to continue "
-                    f"from {partial}") from exc
-    bar.close()
-    publish_folder(partial, out_dir)
+
+        if workers <= 0:
+            for image_id in todo:
+                store(image_id, _label_task(*load(image_id), cfg))
+        else:
+            _label_in_pool(todo, load, store, cfg, workers, out_dir, partial)
     seconds = time.perf_counter() - t0
     total = max(int(counts.sum()), 1)
     stats = {"images": len(dataset.ids), "labelled_now": len(todo), "seconds": seconds,
@@ -158,3 +130,29 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     log.info("ir_labels: %d images in %.1f s (pixels labelled now: %.3f foreground, %.3f background, "
              "%.3f ignore)", len(todo), seconds, *(counts / total))
     return stats
+
+
+def _label_in_pool(todo: list[str], load: Callable[[str], tuple[np.ndarray, ...]],
+                   store: Callable[[str, np.ndarray], None], cfg: dict[str, Any], workers: int, out_dir: Path,
+                   partial: Path) -> None:
+    """The CRFs of ``todo`` in ``workers`` processes, two images queued per process at most (each travels
+    with its maps); a process that dies stops the stage with an error, the labels so far kept in ``partial``."""
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future, str] = {}
+        queue = iter(todo)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    image_id = next(queue, None)
+                    if image_id is None:
+                        break
+                    pending[pool.submit(_label_task, *load(image_id), cfg)] = image_id
+                if not pending:
+                    break
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    store(pending.pop(fut), fut.result())
+        except BrokenProcessPool as exc:
+            raise RuntimeError(f"ir_labels: a worker process died (killed, or out of memory?) while labelling "
+                               f"{sorted(pending.values())[:5]}; nothing was published to {out_dir}. Rerun to "
+                               f"continue from {partial}") from exc

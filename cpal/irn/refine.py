@@ -19,20 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cpal.backbone import for_inference
-from cpal.core.io import inputs_stamp, partial_folder, publish_folder, save_label_png
+from cpal.core.io import save_label_png
 from cpal.core.runtime import peak_rss_mib
-from cpal.core.training import config_fingerprint, resolve_device
+from cpal.core.training import resolve_device
 from cpal.data.torch_data import image_batch
-from cpal.data.voc import VOCDataset
 from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
 from cpal.irn.thresholds import resolve_planes
-from cpal.seeds.store import check_complete, resolve_map, seed_path
+from cpal.seeds.refinement import refinement_inputs, resumable_maps
+from cpal.seeds.store import check_complete
 
 BOUNDARY_BATCH = 16  # images per boundary forward (same size only)
 REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk")
@@ -83,11 +82,12 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path: Path, out_dir: Path,
-               log: logging.Logger, progress: bool = True) -> dict[str, Any]:
-    """One palette PNG per seed id in `out_dir` (published only when complete); return timings."""
-    cfg = resolve_map(params["irn"], params["params"]["method"])
+               log: logging.Logger, progress: bool = True, map_key: str | None = None) -> dict[str, Any]:
+    """One palette PNG per seed id in `out_dir` (published only when complete); return timings.
+
+    ``map_key`` (the stage's --map) names the seed map to walk instead of `irn.map`."""
+    dataset, cfg = refinement_inputs(params, "irn", data_dir, map_key)
     device = resolve_device(params["run"]["device"])
-    dataset = VOCDataset(data_dir, params["seeds"]["split"])
     check_complete(seed_dir, dataset.ids)
     cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
     if derived:
@@ -95,36 +95,28 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
                  cfg["sem_seg_bg_thres"], derived)
     model = load_boundary_net(irn_path, device, params["train_cls"]["backbone"], params["train_cls"]["output_stride"])
     index = PathIndex.of(cfg["walk_radius"])
-    fingerprint = config_fingerprint({k: cfg[k] for k in REFINE_KEYS}, dataset.ids,
-                                     inputs_stamp([irn_path] + [seed_path(seed_dir, i) for i in dataset.ids]))
-    partial = partial_folder(out_dir, fingerprint)
-    todo = [i for i in dataset.ids if not (partial / f"{i}.png").is_file()]
-    if len(todo) < len(dataset.ids):
-        log.info("continuing %s: %d of %d maps already written", partial, len(dataset.ids) - len(todo),
-                 len(dataset.ids))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {"boundary": [], "walk": []}
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="refine_irn", disable=not progress)
     model = for_inference(model)
-    for ids in dataset.size_batches(BOUNDARY_BATCH, todo):
-        images = [dataset.image(i) for i in ids]
-        t1 = time.perf_counter()
-        edges = boundaries(model, images, cfg["flip"], device)
-        _sync(device)
-        times["boundary"] += [(time.perf_counter() - t1) / len(ids)] * len(ids)
-        for image_id, image, boundary in zip(ids, images, edges, strict=True):
-            maps, keys = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
+    with resumable_maps(out_dir, seed_dir, dataset.ids, {k: cfg[k] for k in REFINE_KEYS}, log, "refine_irn",
+                        progress, inputs=(irn_path,)) as (partial, todo, bar):
+        t0 = time.perf_counter()
+        for ids in dataset.size_batches(BOUNDARY_BATCH, todo):
+            images = [dataset.image(i) for i in ids]
             t1 = time.perf_counter()
-            label = refine_image(boundary, image.shape[:2], maps, keys, cfg, index, device)
+            edges = boundaries(model, images, cfg["flip"], device)
             _sync(device)
-            times["walk"].append(time.perf_counter() - t1)
-            save_label_png(partial / f"{image_id}.png", label)
-            bar.update()
-    bar.close()
-    seconds = time.perf_counter() - t0
-    publish_folder(partial, out_dir)
+            times["boundary"] += [(time.perf_counter() - t1) / len(ids)] * len(ids)
+            for image_id, image, boundary in zip(ids, images, edges, strict=True):
+                maps, keys = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
+                t1 = time.perf_counter()
+                label = refine_image(boundary, image.shape[:2], maps, keys, cfg, index, device)
+                _sync(device)
+                times["walk"].append(time.perf_counter() - t1)
+                save_label_png(partial / f"{image_id}.png", label)
+                bar.update()
+        seconds = time.perf_counter() - t0
     n = max(len(todo), 1)
     timing = {
         "device": str(device),

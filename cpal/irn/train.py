@@ -25,27 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from cpal.backbone import build_backbone, fuse_batchnorm
+from cpal.core.distributed import DistContext, GlobalBatchSampler
 from cpal.core.io import inputs_stamp, load_label_png
-from cpal.core.runtime import seed_everything
-from cpal.core.training import (
-    EpochMeans,
-    amp_scaler,
-    build_optimizer,
-    channels_last,
-    config_fingerprint,
-    load_resume,
-    poly_lambda,
-    resolve_device,
-    save_resume,
-    scaled_step,
-    set_determinism,
-    timing_summary,
-    write_training_outputs,
-)
+from cpal.core.loop import ResumableTraining
+from cpal.core.training import EpochMeans, channels_last, config_fingerprint, resolve_device
 from cpal.data.torch_data import random_crop_pad, to_tensor
 from cpal.data.voc import VOCDataset
 from cpal.irn.model import STRIDE, BoundaryNet, classifier_backbone, irn_meta
@@ -145,13 +132,14 @@ def runnable(model: BoundaryNet) -> tuple[BoundaryNet, nn.Module]:
 
 def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifier: Path | None, out_dir: Path,
               log: logging.Logger, progress: bool = True, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train the boundary branch; write model.pt ({"meta", "model"}), metrics.json and timing.json."""
+    """Train the boundary branch; write model.pt ({"meta", "model"}), metrics.json and timing.json.
+
+    One process (no DDP) and no dvclive record; otherwise resumable like train_cls (ResumableTraining).
+    """
     cfg, run = params["irn"], params["run"]
-    device = resolve_device(run["device"])
-    set_determinism(device)
-    seed_everything(run["seed"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = out_dir / "resume.pt"
+    loop = ResumableTraining("train_irn", DistContext(device=resolve_device(run["device"])), out_dir, log,
+                             run["seed"], dvclive=False)
+    device = loop.device
 
     dataset = VOCDataset(data_dir, params["seeds"]["split"])
     data = AffinityData(dataset, label_dir, cfg["crop"], run["seed"])
@@ -164,51 +152,33 @@ def train_irn(params: dict[str, Any], data_dir: Path, label_dir: Path, classifie
 
     model, _ = build_boundary_net(params, classifier)
     model, trained_backbone = runnable(model.to(device))
-    optimizer = build_optimizer([{"params": model.head_parameters()}], "sgd", cfg["lr"], cfg["momentum"],
-                                cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg["poly_power"]))
-    scaler = amp_scaler(device, cfg["amp"])
+    loop.optimise(model, [{"params": model.head_parameters()}], {**cfg, "optimizer": "sgd"}, total_steps)
     sources = [label_dir / f"{i}.png" for i in dataset.ids] + ([classifier] if classifier else [])
     fingerprint = config_fingerprint({k: cfg[k] for k in TRAIN_KEYS}, run["seed"], dataset.ids,
                                      inputs_stamp(sources), params["train_cls"]["backbone"],
                                      params["train_cls"]["output_stride"])
     meta = irn_meta(model.backbone, cfg["backbone_from"], cfg["radius"])
-
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state = load_resume(resume_path, fingerprint, stateful, device, log)
+    state = loop.resume(fingerprint)
     start_epoch, history = (state["epoch"], list(state["history"])) if state else (0, [])
 
     model.train()
     for epoch in range(start_epoch, cfg["epochs"]):
         data.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(run["seed"] * 1000 + epoch)
-        loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, generator=generator,
-                            num_workers=run["num_workers"], pin_memory=device.type == "cuda")
+        # the batches DataLoader(shuffle=True, drop_last=True, generator seeded seed * 1000 + epoch) drew
+        batches = GlobalBatchSampler(len(data), batch, run["seed"] * 1000 + epoch, True, key="irn.batch_size")
+        loader = loop.loader(data, batches, run["num_workers"], epoch)
         sums, t0 = EpochMeans(("loss", "bg_pos", "fg_pos", "neg")), time.perf_counter()
         bar = tqdm(loader, desc=f"train_irn epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False)
         for images, labels, _ in bar:
             images, labels = channels_last(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            terms = affinity_loss(model, images, labels, index, amp=scaler.is_enabled())
-            scaled_step(optimizer, scaler, scheduler, terms["loss"])
+            terms = affinity_loss(model, images, labels, index, amp=loop.use_amp)
+            loop.step(terms["loss"])
             n = images.shape[0]
             sums.add(terms, n)
             bar.set_postfix(loss=f"{sums.loss:.4f}")
-        seconds = time.perf_counter() - t0
-        record = sums.means()
-        record.update(epoch=epoch + 1, seconds=seconds, images_per_s=sums.seen / seconds, lr=scheduler.get_last_lr()[0])
-        history.append(record)
-        log.info("epoch %d/%d: %s", epoch + 1, cfg["epochs"],
-                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        save_resume(resume_path, fingerprint, stateful, epoch=epoch + 1, history=history, meta=meta)
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg["epochs"]:
-            log.info("stopping after epoch %d as asked", epoch + 1)
+        record = loop.epoch_record(epoch, sums, t0)
+        if loop.end_epoch(epoch, cfg["epochs"], record, history, meta, stop_after_epoch):
             return {"stopped_after_epoch": epoch + 1}
 
-    timed = ("seconds", "images_per_s")
-    metrics = {"epochs": cfg["epochs"], "steps": total_steps, "final_loss": history[-1]["loss"] if history else None,
-               "history": [{k: v for k, v in h.items() if k not in timed} for h in history]}
-    timing = timing_summary(history, device, amp=scaler.is_enabled())
     model.backbone = trained_backbone.to(device)
-    write_training_outputs(out_dir, True, {"meta": meta, "model": model.state_dict()}, metrics, timing, resume_path)
-    return metrics
-
+    return loop.finish(model, meta, {"epochs": cfg["epochs"], "steps": total_steps}, history)

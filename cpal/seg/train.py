@@ -253,12 +253,9 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
                                             progress=False)
                 miou = scores["miou"]
             record["val_miou"] = ctx.broadcast_float(miou)
-        history.append(record)
         if loop.end_epoch(epoch, n_epochs, record, history, meta, stop_after_epoch, step=step):
             return {"stopped_after_epoch": epoch + 1}
 
-    # Timings go to their own file: metrics.json is byte-identical across runs with the same seed on CPU.
-    timed = ("seconds", "images_per_s")
     metrics = {
         "backbone": cfg["backbone"],
         "head": cfg["head"],
@@ -270,11 +267,8 @@ def _train(ctx: distributed.DistContext, params: dict[str, Any], data_dir: Path,
         "class_pixels": dict(zip(train_set.classes, data.class_pixels.tolist(), strict=True)),
         "class_weights": (dict(zip(train_set.classes, weights.tolist(), strict=True))
                           if weights is not None else None),
-        "final_loss": history[-1]["loss"] if history else None,
-        "history": [{k: v for k, v in h.items() if k not in timed} for h in history],
     }
-    loop.finish(model, meta, metrics, history, total_seconds=float(sum(h["seconds"] for h in history)))
-    return metrics
+    return loop.finish(model, meta, metrics, history, total_seconds=float(sum(h["seconds"] for h in history)))
 
 
 def _global_mean_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
