@@ -13,6 +13,10 @@ here in seconds instead of downloaded; it is built to be hard in the ways real W
 - textured backgrounds with clutter shapes that are no class; one to three objects, overlapping
   but each mostly visible; object sizes follow VOC (`object_scale`, square-root area / image side).
 
+`version: 2` (docs/testbed.md) draws the same scenes with photo-like surfaces and optics (`photo`): shading,
+texture, faded rims, clutter in object colours, blur and noise; version 1 is byte-identical to what every
+earlier table measured.
+
 Everything is drawn from `seed` with numpy Generators derived per image from (seed, split, index), so
 an image does not depend on the order of generation and the same seed gives byte-identical files.
 Analysis files beside the VOC layout: `Parts/<id>.png` (0 none, 1 object body, 2 discriminative mark)
