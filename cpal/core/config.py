@@ -77,6 +77,37 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return text
 
 
+# The embedded generator's versions and what version 2 adds (cpal/data/embedded.py draws them).
+EMBEDDED_VERSIONS = (1, 2)
+PHOTO_KEYS = ("shading", "texture", "edge_fade", "clutter_match", "blur", "noise")
+
+
+def check_embedded_version(c: dict[str, Any]) -> None:
+    """data.embedded: `version` is one of EMBEDDED_VERSIONS and `photo` holds exactly what that version uses:
+    version 1 no photo settings (null or absent), version 2 every key of PHOTO_KEYS."""
+    version, photo = c.get("version", 1), c.get("photo")
+    allowed = ", ".join(str(v) for v in EMBEDDED_VERSIONS)
+    if isinstance(version, bool) or version not in EMBEDDED_VERSIONS:
+        raise ValueError(f"data.embedded.version = {version!r}: allowed versions are {allowed} "
+                         "(1 flat colours, 2 photo-like surfaces and optics)")
+    if version == 1:
+        if photo is not None:
+            raise ValueError(f"data.embedded.photo is a setting of version 2; version 1 does not use it: set "
+                             f"data.embedded.photo: null, or data.embedded.version: 2 (allowed versions: {allowed})")
+        return
+    if not isinstance(photo, dict):
+        raise ValueError(f"data.embedded.version 2 needs data.embedded.photo with keys {', '.join(PHOTO_KEYS)}")
+    extra, missing = sorted(set(photo) - set(PHOTO_KEYS)), [k for k in PHOTO_KEYS if k not in photo]
+    if extra or missing:
+        raise ValueError(f"data.embedded.photo: unknown key(s) {extra}, missing {missing}; "
+                         f"version 2 uses exactly {', '.join(PHOTO_KEYS)}")
+    limits = {"shading": 1.0, "texture": 1.0, "edge_fade": 1.0, "clutter_match": 1.0, "blur": 3.0, "noise": 30.0}
+    for key, top in limits.items():
+        value = photo[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+            raise ValueError(f"data.embedded.photo.{key} = {value!r}: must lie in [0, {top:g}]")
+
+
 def _cross_checks(params: dict[str, Any]) -> list[str]:
     """Rules that span keys, which JSON schema cannot express."""
     problems = []
@@ -91,6 +122,11 @@ def _cross_checks(params: dict[str, Any]) -> list[str]:
             f"data.embedded.min_objects = {emb['min_objects']} is invalid: "
             f"must not exceed data.embedded.max_objects = {emb['max_objects']}"
         )
+    if emb:
+        try:
+            check_embedded_version(emb)
+        except ValueError as error:
+            problems.append(str(error))
     folder_classes = (params.get("data", {}).get("folder") or {}).get("classes") or []
     if "background" in folder_classes:
         problems.append("data.folder.classes must not name 'background': id 0 is the background already; list "
