@@ -52,7 +52,7 @@ _SPLIT_CODE = {"train": 0, "val": 1}
 # Generator versions (data.embedded.version). 1: flat-coloured objects with crisp borders, the data every table
 # before the photo-like testbed was measured on. 2: the same scenes (the same layout stream, so every object,
 # pose and place is version 1's) rendered with what real photos have and flat shapes lack; each lever is a
-# key of data.embedded.photo, motivated in the README's "The embedded dataset":
+# key of data.embedded.photo, motivated in docs/testbed.md:
 #   shading  light that changes across a surface: one object is many colours (a dense CRF expands a seed
 #            over a flat body, it stops at shading edges; semantic affinities do not);
 #   texture  fine surface texture (fur, fabric, reflections) inside objects;
