@@ -3,21 +3,18 @@ tables compute the field's orderings from what the runs recorded."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def testbed():
-    spec = importlib.util.spec_from_file_location("testbed", ROOT / "benchmarks" / "testbed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("testbed")
 
 
 def test_every_committed_regime_validates(testbed) -> None:
