@@ -1,7 +1,7 @@
 """Performance suite: results/benchmarks.md (and .json), every figure measured side by side in one run.
 
-Not a test. Runs the embedded default end to end with Snakemake in a fresh copy of the committed tree
-(`git archive HEAD`) `--e2e-runs` times, then measures the parts on that run's artifacts, each
+Not a test. Runs the embedded default end to end with the checkout's Snakefile in an empty folder holding only
+params.yaml (cpal.report.bench.snakemake_in) `--e2e-runs` times, then measures the parts on that run's artifacts, each
 `--repeats` times (medians quoted):
 
 - train_cls images/s (the real training loop, one epoch per repeat) and its FLOP/s (FLOPs of one
@@ -26,7 +26,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from cpal.backbone import for_inference
 from cpal.core.io import write_json, write_text
 from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
+from cpal.report.bench import snakemake_in
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)"
@@ -48,27 +48,6 @@ LOG = logging.getLogger("benchmarks")
 
 # ---------------------------------------------------------------------------------------------------
 # End to end
-
-
-STALE = ("results", "outputs", "data")  # committed tables and reference run: not a workspace's own
-
-
-def extract_tree(dest: Path) -> None:
-    """The committed tree's files (HEAD) written over `dest`, without results/, outputs/ and data/, so a
-    workspace's own of those stay as they are."""
-    names = subprocess.run(["git", "ls-tree", "--name-only", "HEAD"], cwd=ROOT, check=True, capture_output=True,
-                           text=True).stdout.split()
-    archive = subprocess.run(["git", "archive", "HEAD", "--", *(n for n in names if n not in STALE)], cwd=ROOT,
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-
-
-def fresh_copy(dest: Path) -> Path:
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    extract_tree(dest)
-    return dest
 
 
 def stage_costs(logs: Path) -> dict[str, dict[str, float]]:
@@ -100,9 +79,10 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_e2e(ws: Path, cores: int) -> dict[str, Any]:
+def run_e2e(ws: Path, params: dict[str, Any], cores: int) -> dict[str, Any]:
+    """The whole default run, from an empty folder, by the checkout's Snakefile (`snakemake all`)."""
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), "--quiet", "all"], cwd=ws, check=True)
+    snakemake_in(ws, params, ["all"], cores)
     t1 = time.time()
     costs = stage_costs(ws / "outputs" / "logs")
     covered = covered_seconds([(c["start"], c["end"]) for c in costs.values()])
@@ -627,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", type=Path, default=None,
                     help="an earlier benchmarks.json: its goals and hotspots are shown beside this run's")
     ap.add_argument("--params-override", type=Path, default=None,
-                    help="a YAML merged over params.yaml in the copy (e.g. configs/tiny.yaml to try the suite)")
+                    help="a params file to run instead of params.yaml (e.g. configs/tiny.yaml to try the suite)")
     args = ap.parse_args(argv)
     before = json.loads(args.before.read_text()) if args.before else None  # read before --out overwrites it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -641,14 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         e2e = json.loads(args.out.with_suffix(".json").read_text())["e2e"]
         args.e2e_runs = 0
     else:
-        ws = fresh_copy(args.work / "ws")
+        ws = args.work / "ws"
         e2e = []
-    if args.params_override:
-        shutil.copy2(args.params_override, ws / "params.yaml")
+    run_params = load_params(args.params_override or ROOT / "params.yaml")
     for run in range(args.e2e_runs):
-        for stale in ("results", "outputs", "data", ".snakemake"):
-            shutil.rmtree(ws / stale, ignore_errors=True)
-        e2e.append(run_e2e(ws, args.cores))
+        shutil.rmtree(ws, ignore_errors=True)  # from an empty folder, as a fresh clone's first run
+        e2e.append(run_e2e(ws, run_params, args.cores))
         LOG.info("end-to-end run %d: %.0f s, overhead %.1f%%", run + 1, e2e[-1]["wall_s"],
                  100 * e2e[-1]["overhead_fraction"])
     params = load_params(ws / "params.yaml")

@@ -13,8 +13,6 @@ results/testbed.csv, results/testbed.md and results/testbed.png.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import yaml
 from cpal.core.config import load_params, load_yaml, merge, validate_params
 from cpal.core.io import atomic_path, write_text
 from cpal.core.runtime import machine_description
+from cpal.report.bench import snakemake_in
 from cpal.report.experiments import METRICS
 from cpal.report.summary import stage_seconds
 
@@ -53,23 +52,6 @@ def regime_params(spec: dict, regime: str, seed: int) -> dict:
         raise SystemExit(str(error)) from None
 
 
-def run_regime(work: Path, params: dict, targets: list[str], extra: dict | None = None) -> None:
-    """Snakemake on this checkout's Snakefile with `work` as its folder (`extra` merged over its params.yaml as a
-    --configfile)."""
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "params.yaml").is_file() or load_params(work / "params.yaml") != params:
-        write_text(work / "params.yaml", yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = ["snakemake", *targets, "-s", str(ROOT / "Snakefile"), "-d", str(work), "--cores", "2", "--quiet", "progress"]
-    if extra:
-        write_text(work / "extra.yaml", yaml.safe_dump(extra, sort_keys=False))
-        cmd += ["--configfile", "params.yaml", "extra.yaml"]
-    with open(work / "snakemake.log", "a") as log:
-        code = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"Snakemake failed in {work} (exit {code}): see {work / 'snakemake.log'}")
-
-
 def crf_sweep(work: Path, params: dict, planes: list[float]) -> dict[str, float]:
     """The CRF's background plane picked with ground truth, as crf.bg_threshold was for the embedded default
     (docs/method.md): CAM +CRF mIoU per plane, then the best plane written into the folder's params.yaml
@@ -79,11 +61,11 @@ def crf_sweep(work: Path, params: dict, planes: list[float]) -> dict[str, float]
     for plane in planes:
         if str(plane) in sweep:
             continue
-        run_regime(work, params, ["results/eval_crf.json"], {"crf": {"bg_threshold": plane}})
+        snakemake_in(work, params, ["results/eval_crf.json"], extra={"crf": {"bg_threshold": plane}})
         sweep[str(plane)] = load_yaml((work / "results" / "eval_crf.json").read_text())["miou"]
         write_text(done, yaml.safe_dump(sweep))
     best = max(sweep, key=sweep.get)
-    run_regime(work, merge(params, {"crf": {"bg_threshold": float(best)}}), ["results/eval_crf.json"])
+    snakemake_in(work, merge(params, {"crf": {"bg_threshold": float(best)}}), ["results/eval_crf.json"])
     return sweep
 
 
@@ -214,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if sweep.is_file():  # a finished sweep's best plane, so the resumed run changes nothing
             best = load_yaml(sweep.read_text())
             params = merge(params, {"crf": {"bg_threshold": float(max(best, key=best.get))}})
-        run_regime(work, params, spec["targets"])
+        snakemake_in(work, params, spec["targets"])
         if args.crf_planes:
             crf_sweep(work, params, args.crf_planes)
         (work / DONE).write_text("finished\n")

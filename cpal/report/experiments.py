@@ -35,6 +35,8 @@ class Metric:
     label: str
     path: str
     keys: tuple[str, ...]
+    alt: tuple[str, ...] | None = None  # keys read where `keys` are absent (a cam run's seeds: no pacam)
+    scale: float = 100.0  # stored -> shown: fractions to percent; 1 for seconds
 
 
 # Headline numbers of the pipeline, first to last stage (mIoU as stored: fractions).
@@ -213,12 +215,15 @@ def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], 
         record.update({k: flat.get(k) for k in flat})
         stale = []
         for metric in metrics:
-            value = _dig(((data.get("metrics") or {}).get(metric.path) or {}).get("data"), metric.keys)
+            stored = ((data.get("metrics") or {}).get(metric.path) or {}).get("data")
+            value = _dig(stored, metric.keys)
+            if value is None and metric.alt:
+                value = _dig(stored, metric.alt)
             trusted = _fresh(metric.path, lock, params)
             if value is not None and (not trusted or state not in ("baseline", WORKSPACE, "success")):
                 stale.append(metric.label)
                 value = None
-            record[metric.label] = None if value is None else round(100 * value, 2)
+            record[metric.label] = None if value is None else round(metric.scale * value, 2)
         record["stale"] = ", ".join(stale)
         records.append(record)
     table = pd.DataFrame.from_records(records)

@@ -43,7 +43,7 @@ CURVE_PROTOCOL = {"scales": [1.0], "flip": False, "crf": False}
 
 def training_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a trained DeepLab depends on: the seg section without the keys that only change evaluation (the
-    resume fingerprint's part of it; benchmarks/seg_recipe.py reuses a cached run by it)."""
+    resume fingerprint's part of it)."""
     return {k: v for k, v in cfg.items() if k not in EVAL_KEYS}
 
 
