@@ -182,3 +182,16 @@ def test_a_benchmark_runs_as_dvc_experiments_and_resumes(tmp_path: Path) -> None
     again = cpal_bench("run", "benchmarks/mini.yaml")
     assert "2 recorded, 0 to run" in again and "Running stage" not in again
     assert (ws / "params.yaml").read_text() == before and not (ws / "outputs").exists()
+
+
+def test_snakemake_in_runs_the_checkouts_snakefile_in_a_params_only_folder(tmp_path: Path, tiny_params: dict) -> None:
+    """What testbed.py and suite.py run on: the folder holds params.yaml and what the run writes, no code; a
+    second call with the target there runs nothing."""
+    folder = tmp_path / "run"
+    target = tiny_params["data"]["dir"]
+    assert bench.snakemake_in(folder, tiny_params, [target], cores=1) > 0
+    assert (folder / target / "dataset.json").is_file()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["data", "outputs", "params.yaml",
+                                                                                    "snakemake.log"]
+    bench.snakemake_in(folder, tiny_params, [target], cores=1)
+    assert (folder / "snakemake.log").read_text().count("Nothing to be done") == 1
