@@ -195,3 +195,13 @@ def test_snakemake_in_runs_the_checkouts_snakefile_in_a_params_only_folder(tmp_p
                                                                                     "snakemake.log"]
     bench.snakemake_in(folder, tiny_params, [target], cores=1)
     assert (folder / "snakemake.log").read_text().count("Nothing to be done") == 1
+
+
+def test_a_mapping_over_a_null_setting_is_set_whole(tmp_path: Path) -> None:
+    """data.embedded.photo is null in params.yaml: `-S data.embedded.photo.noise=8` cannot set a key inside it,
+    so the mapping goes whole; keys under a mapping (data.embedded) stay one by one."""
+    photo = {"shading": 0.6, "texture": 0.5, "edge_fade": 0.8, "clutter_match": 0.5, "blur": 0.8, "noise": 5}
+    spec = bench.load_spec(_spec(tmp_path, base={"data": {"embedded": {"version": 2, "photo": photo}}}))
+    exp = bench.experiments(spec, ROOT / "params.yaml")[0]
+    assert exp.overrides["data.embedded.version"] == 2 and exp.overrides["data.embedded.photo"] == photo
+    assert yaml.safe_load(bench.set_value(photo)) == photo

@@ -157,7 +157,7 @@ def experiments(spec: Spec, params_file: Path) -> list[Experiment]:
         for column, over in spec.columns.items():
             changes = merge(merge(spec.base, over), {"run": {"seed": seed}})
             params = merge(base, changes)
-            flat = _flat(changes)
+            flat = _flat(changes, base=base)
             try:
                 validate_params(params, source=f"{spec.path.as_posix()} column {column!r} "
                                                f"({', '.join(f'{k}={set_value(v)}' for k, v in flat.items())})")
@@ -167,12 +167,15 @@ def experiments(spec: Spec, params_file: Path) -> list[Experiment]:
     return out
 
 
-def _flat(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested overrides -> `section.key` -> value (lists and nulls kept whole: they replace, never merge)."""
+def _flat(obj: dict[str, Any], prefix: str = "", base: Any = None) -> dict[str, Any]:
+    """Nested overrides -> `section.key` -> value. Lists and nulls are kept whole (they replace, never merge),
+    and so is a mapping where `base` (the params it overrides) holds no mapping (data.embedded.photo over
+    null): `-S` cannot set a key inside a null."""
     flat: dict[str, Any] = {}
     for key, value in obj.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
+        under = base.get(key) if isinstance(base, dict) else None
+        if isinstance(value, dict) and value and (base is None or isinstance(under, dict)):
+            flat.update(_flat(value, f"{prefix}{key}.", under if base is not None else None))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
