@@ -22,10 +22,10 @@ import pandas as pd
 import yaml
 
 from cpal.core.config import load_params, load_yaml, merge, validate_params
-from cpal.core.io import atomic_path, write_text
+from cpal.core.io import write_text
 from cpal.core.runtime import machine_description
 from cpal.report.bench import snakemake_in
-from cpal.report.experiments import METRICS
+from cpal.report.experiments import METRICS, save_with_footer
 from cpal.report.summary import stage_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,11 +169,7 @@ def plot(o: pd.DataFrame, order: list[str], out: Path, command: str) -> None:
         ax.set_title(f"{title} ({'<=' if sense == 'le' else '>='} {goal:+d} goal)")
         ax.set_ylabel("points")
     fig.suptitle("Testbed orderings per regime (mean ± std over seeds)", fontsize=10)
-    fig.text(0.01, 0.01, f"{machine_description()}; {command}", fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_with_footer(fig, out, f"{machine_description()}; {command}", fontsize=6, top=0.95)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from cpal.report.experiments import (
     git_lock_reader,
     keep_notes,
     run_exp_show,
+    save_with_footer,
 )
 
 # What a benchmark can tabulate: the pipeline's headline numbers, plus seed-map and time figures (seconds).
@@ -337,12 +338,7 @@ def plot(spec: Spec, done: pd.DataFrame, out: Path, footer: str) -> None:
     ax.set_title(spec.title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, footer, fontsize=6, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_with_footer(fig, out, footer, fontsize=6)
 
 
 def write_table(spec: Spec, done: pd.DataFrame, repo: Path, machine: str) -> Path:

@@ -309,8 +309,16 @@ def plot_sweeps(table: pd.DataFrame, swept: list[str], out: Path, footer: str) -
         ax.set_ylabel("mIoU (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.text(0.01, 0.005, footer, fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_with_footer(fig, out, footer)
+
+
+def save_with_footer(fig: Any, out: Path, footer: str, fontsize: int = 7, top: float = 1.0) -> None:
+    """A figure saved atomically as PNG with the line that says where it came from (machine, seeds, command)
+    along its bottom edge, and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.005, footer, fontsize=fontsize, va="bottom")
+    fig.tight_layout(rect=(0, 0.06, 1, top))  # top < 1 leaves room for a suptitle
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
