@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -205,3 +206,12 @@ def test_a_mapping_over_a_null_setting_is_set_whole(tmp_path: Path) -> None:
     exp = bench.experiments(spec, ROOT / "params.yaml")[0]
     assert exp.overrides["data.embedded.version"] == 2 and exp.overrides["data.embedded.photo"] == photo
     assert yaml.safe_load(bench.set_value(photo)) == photo
+
+
+def test_a_null_param_matches_the_nan_a_table_makes_of_it_and_a_killed_run_is_no_experiment() -> None:
+    assert bench._same(float("nan"), None) and bench._same(None, None) and not bench._same(0.5, None)
+    assert bench._same(2, 2) and not bench._same(2, 3) and bench._same(np.float64(8.0), 8)
+    assert not bench._same(1.0, True) and bench._same(True, True) and bench._same("auto", "auto")
+    show = [{"rev": "a" * 40, "experiments": [{"name": "done", "executor": None, "revs": []},
+                                              {"name": "killed", "executor": {"state": "running"}, "revs": []}]}]
+    assert bench.finished_names(show) == {"done"}

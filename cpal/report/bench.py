@@ -206,11 +206,30 @@ def recorded(spec: Spec, exps: list[Experiment], exp_show: list[dict[str, Any]],
         match = table[(table["experiment"] == exp.name) & (table["state"] == "success")]
         expected = flatten(exp.params)
         for _, row in match.iterrows():
-            if all(str(row.get(k)) == str(v) for k, v in expected.items()):  # the params it was meant to run
+            if all(_same(row.get(k), v) for k, v in expected.items()):  # the params it was meant to run
                 rows.append({"experiment": exp.name, "column": exp.column, "seed": exp.seed, "rev": row["rev"],
                              **{m: row[m] for m in spec.metrics}})
                 break
     return pd.DataFrame(rows, columns=["experiment", "column", "seed", "rev", *spec.metrics])
+
+
+def _same(recorded: Any, expected: Any) -> bool:
+    """A recorded param equals the expected one. A table column holding a null in some row turns its other
+    rows' numbers into floats (8 -> 8.0) and the null into NaN."""
+    if expected is None:
+        return recorded is None or (isinstance(recorded, float) and recorded != recorded)
+    number = (int, float, np.integer, np.floating)
+    if isinstance(expected, number) and isinstance(recorded, number) \
+            and not isinstance(expected, bool) and not isinstance(recorded, bool | np.bool_):
+        return float(recorded) == float(expected)
+    return str(recorded) == str(expected)
+
+
+def finished_names(exp_show: list[dict[str, Any]]) -> set[str]:
+    """Names of finished experiments: a run killed mid-way can linger as "running", which is no experiment to
+    remove (DVC refuses the name) and is run again."""
+    return {e.get("name") for c in exp_show for e in (c.get("experiments") or [])
+            if (e.get("executor") or {}).get("state", "success") == "success"}
 
 
 def missing(spec: Spec, exps: list[Experiment], done: pd.DataFrame) -> list[Experiment]:
@@ -287,10 +306,13 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
         f"what is recorded is not run again). Table alone: `cpal-bench table {spec.path.as_posix()}`.",
         "mIoU in %, mean ± std over the seeds (one value: one seed); rows starting `s_` are seconds. A cell is "
         "empty where no experiment of that column recorded the metric fresh (its dvc.lock up to date).",
-        "", "| column | overrides of params.yaml (and run.seed) |", "| --- | --- |"]
+        ""]
+    if spec.base:
+        lines += ["Every column: " + ", ".join(f"`{k}={set_value(v)}`" for k, v in _flat(spec.base).items()) + ".", ""]
+    lines += ["| column | its own overrides of params.yaml (and run.seed) |", "| --- | --- |"]
     for col, over in spec.columns.items():
-        flat = _flat(merge(spec.base, over))
-        lines.append(f"| {col} | " + (", ".join(f"`{k}={set_value(v)}`" for k, v in flat.items()) or "none") + " |")
+        lines.append(f"| {col} | " + (", ".join(f"`{k}={set_value(v)}`" for k, v in _flat(over).items()) or "none")
+                     + " |")
     lines += ["", "| metric | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for metric in spec.metrics:
         digits = 0 if BY_LABEL[metric].scale == 1.0 else 1
@@ -307,12 +329,13 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
             if BY_LABEL[metric].scale == 1.0:
                 continue
             gain = _paired(done, a, b, metric)
-            if len(gain):
+            if len(gain) and np.any(gain != 0):  # exactly equal: the same stage output, restored for both
                 spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
                 notes.append(f"- {a} minus {b}, {metric}: {gain.mean():+.1f}{spread} points (per seed "
                              f"{', '.join(f'{g:+.1f}' for g in gain)}).")
     if notes:
-        lines += ["", "## Paired by seed", "", *notes]
+        lines += ["", "## Paired by seed", "", "Metrics exactly equal in both columns (a stage the run-cache restored "
+                  "for both) are not listed.", "", *notes]
     lines += ["", f"![{spec.name}]({spec.out.name}.png)"]
     return "\n".join(lines) + "\n"
 
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             for exp in todo:
                 print(f"  {exp.name}: " + " ".join(f"-S {k}={set_value(v)}" for k, v in exp.overrides.items()))
             return 0
-        existing = {n for c in show for e in (c.get("experiments") or []) for n in [e.get("name")] if n}
+        existing = finished_names(show)
         for exp in todo:
             run_experiment(exp, spec, repo, existing)
         done = recorded(spec, exps, run_exp_show(repo), repo)
