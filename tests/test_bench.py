@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -208,10 +207,21 @@ def test_a_mapping_over_a_null_setting_is_set_whole(tmp_path: Path) -> None:
     assert yaml.safe_load(bench.set_value(photo)) == photo
 
 
-def test_a_null_param_matches_the_nan_a_table_makes_of_it_and_a_killed_run_is_no_experiment() -> None:
-    assert bench._same(float("nan"), None) and bench._same(None, None) and not bench._same(0.5, None)
-    assert bench._same(2, 2) and not bench._same(2, 3) and bench._same(np.float64(8.0), 8)
-    assert not bench._same(1.0, True) and bench._same(True, True) and bench._same("auto", "auto")
+def test_a_null_param_matches_the_nan_a_table_makes_of_it_and_a_killed_run_is_no_experiment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params are compared as `dvc exp show` recorded them: a baseline with data.embedded.photo null beside an
+    experiment with photo settings turns the table's null into NaN and its 8 into 8.0; the experiment
+    still counts as recorded."""
+    photo = {"shading": 0.6, "texture": 0.5, "edge_fade": 0.8, "clutter_match": 0.5, "blur": 0.8, "noise": 8}
+    spec = bench.load_spec(_spec(tmp_path, seeds=[0], columns={"cam": {"params": {"method": "cam"}}}, pairs=[],
+                                 base={"data": {"embedded": {"version": 2, "photo": photo}}}))
+    exp = bench.experiments(spec, ROOT / "params.yaml")[0]
+    base = merge(exp.params, {"data": {"embedded": {"version": 1, "photo": None}}})
+    show = _show([(exp.name, exp.params, 0.40)], base)
+    monkeypatch.setattr(bench, "git_lock_reader", lambda repo: lambda rev: _fresh_lock(exp.params))
+    done = bench.recorded(spec, [exp], show, tmp_path)
+    assert done["experiment"].tolist() == [exp.name] and done["seeds"].tolist() == [40.0]
+    assert bench.missing(spec, [exp], done) == []
     show = [{"rev": "a" * 40, "experiments": [{"name": "done", "executor": None, "revs": []},
                                               {"name": "killed", "executor": {"state": "running"}, "revs": []}]}]
     assert bench.finished_names(show) == {"done"}

@@ -39,7 +39,9 @@ from cpal.core.io import atomic_path, write_text
 from cpal.core.runtime import machine_description
 from cpal.report.experiments import (
     METRICS,
+    PARAMS_FILE,
     Metric,
+    exp_rows,
     experiment_table,
     flatten,
     git_lock_reader,
@@ -197,32 +199,26 @@ def check_targets(spec: Spec, repo: Path) -> None:
 
 
 def recorded(spec: Spec, exps: list[Experiment], exp_show: list[dict[str, Any]], repo: Path) -> pd.DataFrame:
-    """The benchmark's experiments as recorded: one row per experiment run with its expected params, metrics
-    as cpal.report.experiments vouches for them (percent; seconds for time metrics)."""
+    """The benchmark's experiments as recorded: one row per experiment run with its expected params (compared as
+    `dvc exp show` recorded them, not as a table column holds them), metrics as cpal.report.experiments
+    vouches for them (percent; seconds for time metrics)."""
     metrics = tuple(BY_LABEL[m] for m in spec.metrics)
     table = experiment_table(exp_show, git_lock_reader(repo), metrics)
+    # experiment_table has one row per exp_rows entry, in its order
+    recorded_params = {}
+    for (name, _, data, state), (_, row) in zip(exp_rows(exp_show), table.iterrows(), strict=True):
+        if state == "success":
+            recorded_params.setdefault(name, []).append(
+                (flatten(((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}), row))
     rows = []
     for exp in exps:
-        match = table[(table["experiment"] == exp.name) & (table["state"] == "success")]
         expected = flatten(exp.params)
-        for _, row in match.iterrows():
-            if all(_same(row.get(k), v) for k, v in expected.items()):  # the params it was meant to run
+        for got, row in recorded_params.get(exp.name, []):
+            if all(got.get(k) == v for k, v in expected.items()):  # the params it was meant to run
                 rows.append({"experiment": exp.name, "column": exp.column, "seed": exp.seed, "rev": row["rev"],
                              **{m: row[m] for m in spec.metrics}})
                 break
     return pd.DataFrame(rows, columns=["experiment", "column", "seed", "rev", *spec.metrics])
-
-
-def _same(recorded: Any, expected: Any) -> bool:
-    """A recorded param equals the expected one. A table column holding a null in some row turns its other
-    rows' numbers into floats (8 -> 8.0) and the null into NaN."""
-    if expected is None:
-        return recorded is None or (isinstance(recorded, float) and recorded != recorded)
-    number = (int, float, np.integer, np.floating)
-    if isinstance(expected, number) and isinstance(recorded, number) \
-            and not isinstance(expected, bool) and not isinstance(recorded, bool | np.bool_):
-        return float(recorded) == float(expected)
-    return str(recorded) == str(expected)
 
 
 def finished_names(exp_show: list[dict[str, Any]]) -> set[str]:

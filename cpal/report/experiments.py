@@ -165,7 +165,7 @@ def _fresh(path: str, lock: dict[str, Any] | None, params: dict[str, Any]) -> bo
     return up_to_date(producers[path][0])
 
 
-def _rows(exp_show: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any], str]]:
+def exp_rows(exp_show: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any], str]]:
     """(name, rev, data, state) for the baseline commit(s) and every experiment with data.
 
     state: "baseline", "workspace", or the queue's state of the experiment ("success", "queued",
@@ -196,7 +196,7 @@ def experiment_table(exp_show: list[dict[str, Any]], read_lock: Callable[[str], 
     `baseline` True). Every row, these two included, shows a metric only where its dvc.lock vouches
     for it (see _fresh): a commit without dvc.lock shows none, whatever result files it holds.
     """
-    rows = _rows(exp_show)
+    rows = exp_rows(exp_show)
     commits = [row for row in rows if row[3] == "baseline"]
     if not commits:
         raise ValueError("`dvc exp show` lists no commit with params: is this a DVC repository with params.yaml?")
