@@ -82,6 +82,9 @@ def test_an_override_that_fails_the_schema_is_refused_before_anything_runs(
     ({"pairs": [["cam", "cpal"]]}, "pair ['cam', 'cpal'] must name two columns"),
     ({"seeds": [0, -1]}, "seeds must be a list"),
     ({"ratios": [["seeds", "deeplab"]]}, "ratio ['seeds', 'deeplab']"),
+    ({"goals": [{"pair": ["noflip", "cpal"], "metric": "seeds", "at_least": 2}]}, "goal {'pair': ['noflip', 'cpal']"),
+    ({"goals": [{"pair": ["noflip", "cam"], "metric": "s_make_seeds", "at_least": 2}]}, "an mIoU metric"),
+    ({"goals": [{"pair": ["noflip", "cam"], "metric": "seeds"}]}, "at_least: <points>"),
 ])
 def test_a_malformed_benchmark_file_is_refused_naming_the_key(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(bench.BenchError) as error:
@@ -154,6 +157,22 @@ def test_table_gives_mean_and_std_over_seeds_and_pairs_by_seed(tmp_path: Path) -
     assert "| noflip | `params.method=cam`, `seeds.flip=false` |" in md
     assert "Machine: a machine. Code: commit abc1234" in md and "cpal-bench run " in md
     assert "s_make_seeds minus" not in md  # seconds are not paired as points
+
+
+def test_goals_are_judged_on_the_mean_paired_gain(tmp_path: Path) -> None:
+    goals = [{"pair": ["noflip", "cam"], "metric": "seeds", "at_least": 2},
+             {"pair": ["cam", "noflip"], "metric": "seeds", "at_least": 0}]
+    spec = bench.load_spec(_spec(tmp_path, goals=goals))
+    done = pd.DataFrame([
+        {"experiment": "x", "column": "cam", "seed": 0, "rev": "r", "seeds": 40.0, "s_make_seeds": 10.0},
+        {"experiment": "x", "column": "cam", "seed": 1, "rev": "r", "seeds": 44.0, "s_make_seeds": 12.0},
+        {"experiment": "x", "column": "noflip", "seed": 0, "rev": "r", "seeds": 41.0, "s_make_seeds": 8.0},
+        {"experiment": "x", "column": "noflip", "seed": 1, "rev": "r", "seeds": 47.0, "s_make_seeds": 9.0}])
+    md = bench.to_markdown(spec, done, "a machine", "abc1234")
+    assert "- noflip minus cam, seeds: +2.00 ± 1.41 over 2 seeds (goal >= +2.0): met." in md
+    assert "- cam minus noflip, seeds: -2.00 ± 1.41 over 2 seeds (goal >= +0.0): NOT met." in md
+    md = bench.to_markdown(spec, done[done.column == "cam"], "a machine", "abc1234")
+    assert "- noflip minus cam, seeds (goal >= +2.0): not measured." in md
 
 
 def test_a_benchmark_runs_as_dvc_experiments_and_resumes(tmp_path: Path) -> None:

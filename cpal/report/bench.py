@@ -16,7 +16,8 @@ vouched for by its experiment's dvc.lock as in cpal-compare (cpal.report.experim
 A benchmark file holds: `title`, `about` (what the reader should know), `out` (the results stem: writes
 STEM.md, STEM.csv, STEM.png), `seeds` (values of run.seed), `targets` (the DVC stages to reproduce), `base`
 (overrides for every column, optional), `columns` (name -> overrides), `metrics` (labels of METRICS, the rows),
-and optionally `pairs` ([column a, column b]: a - b paired by seed) and `ratios` ([metric a, metric b]).
+and optionally `pairs` ([column a, column b]: a - b paired by seed), `ratios` ([metric a, metric b]) and `goals`
+({pair: [a, b], metric: m, at_least: x}: the paired gain a - b on m, mean over the seeds, met when >= x).
 """
 
 from __future__ import annotations
@@ -60,13 +61,23 @@ BENCH_METRICS: tuple[Metric, ...] = METRICS + (
     Metric("s_train_seg", "outputs/seg/timing.json", ("total_seconds",), scale=1.0),
 )
 BY_LABEL = {m.label: m for m in BENCH_METRICS}
-SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "ratios"}
+SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "ratios", "goals"}
+GOAL_KEYS = {"pair", "metric", "at_least"}
 REQUIRED = {"title", "out", "seeds", "targets", "columns", "metrics"}
 NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
 class BenchError(ValueError):
     """A benchmark file that cannot run: the message names the key or override at fault."""
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A paired gain the benchmark promises to report against: column a minus column b on one metric."""
+    a: str
+    b: str
+    metric: str
+    at_least: float
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Spec:
     metrics: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]
     ratios: tuple[tuple[str, str], ...]
+    goals: tuple[Goal, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,10 +150,22 @@ def load_spec(path: Path) -> Spec:
     for ratio in ratios:
         if len(ratio) != 2 or not set(ratio) <= set(metrics):
             raise BenchError(f"{where}: ratio {list(ratio)} must name two of the benchmark's metrics")
+    goals = tuple(_goal(g, where, set(columns), metrics) for g in raw.get("goals") or [])
     return Spec(name=name, path=path, title=str(raw["title"]), about=str(raw.get("about") or "").strip(),
                 out=Path(raw["out"]), seeds=tuple(seeds), targets=tuple(raw["targets"]), base=raw.get("base") or {},
                 columns={str(c): o or {} for c, o in columns.items()}, metrics=metrics, pairs=pairs,
-                ratios=ratios)
+                ratios=ratios, goals=goals)
+
+
+def _goal(raw: Any, where: str, columns: set[str], metrics: tuple[str, ...]) -> Goal:
+    form = "{pair: [column a, column b], metric: <an mIoU metric of the benchmark>, at_least: <points>}"
+    if not isinstance(raw, dict) or set(raw) != GOAL_KEYS:
+        raise BenchError(f"{where}: goal {raw!r} must be {form}")
+    pair, metric, at_least = raw["pair"], raw["metric"], raw["at_least"]
+    if (not isinstance(pair, list) or len(pair) != 2 or not set(pair) <= columns or metric not in metrics
+            or BY_LABEL[metric].scale == 1.0 or isinstance(at_least, bool) or not isinstance(at_least, (int, float))):
+        raise BenchError(f"{where}: goal {raw!r} must be {form}; columns {sorted(columns)}, metrics {list(metrics)}")
+    return Goal(pair[0], pair[1], metric, float(at_least))
 
 
 def set_value(value: Any) -> str:
@@ -329,6 +353,18 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
                 spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
                 notes.append(f"- {a} minus {b}, {metric}: {gain.mean():+.1f}{spread} points (per seed "
                              f"{', '.join(f'{g:+.1f}' for g in gain)}).")
+    goals = []
+    for goal in spec.goals:
+        gain = _paired(done, goal.a, goal.b, goal.metric)
+        if len(gain) == 0:
+            goals.append(f"- {goal.a} minus {goal.b}, {goal.metric} (goal >= {goal.at_least:+.1f}): not measured.")
+            continue
+        spread = f" ± {gain.std(ddof=1):.2f}" if len(gain) > 1 else ""
+        verdict = "met" if gain.mean() >= goal.at_least else "NOT met"
+        goals.append(f"- {goal.a} minus {goal.b}, {goal.metric}: {gain.mean():+.2f}{spread} over {len(gain)} "
+                     f"seed{'s' if len(gain) > 1 else ''} (goal >= {goal.at_least:+.1f}): {verdict}.")
+    if goals:
+        lines += ["", "## Goals", "", "Paired by seed, the mean of the per-seed gains against the goal.", "", *goals]
     if notes:
         lines += ["", "## Paired by seed", "", "Metrics exactly equal in both columns (a stage the run-cache restored "
                   "for both) are not listed.", "", *notes]
