@@ -51,10 +51,19 @@ GPU = 1 if config["run"]["device"] == "cuda" else 0
 DDP_GPUS = config["run"].get("nproc_per_node", 1) * GPU  # DDP: one GPU per process
 
 
-def sections(*names):
-    """A rule's params: the merged config's file and whole sections of it (as dvc.yaml declares them), so that
-    a changed key reruns the rules that read its section."""
-    return {"params_file": PARAMS, **{"method" if name == "params" else name: config[name] for name in names}}
+def sections(*names, **keys):
+    """A rule's params: the merged config's file, whole sections of it and, as ``section=(key, ...)``, the keys of a
+    section it reads (as dvc.yaml declares them), so that a changed key reruns the rules that read it."""
+    return {"params_file": PARAMS, **{"method" if name == "params" else name: config[name] for name in names},
+            **{section: {key: config[section][key] for key in ks} for section, ks in keys.items()}}
+
+
+# The irn keys each IRN stage reads (cpal.irn.labels.LABEL_KEYS, cpal.irn.train.TRAIN_KEYS, cpal.irn.refine.REFINE_KEYS;
+# tests/test_engines.py holds them equal to hosts/dvc.yaml's): a change to the walk does not retrain IRN.
+IRN_LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf")
+IRN_TRAIN_KEYS = ("backbone_from", "radius", "crop", "batch_size", "epochs", "lr", "momentum", "weight_decay",
+                  "poly_power", "amp")
+IRN_REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk", "boundaries")
 
 
 # A host is a network whose seed maps the shared rules (eval_seeds, refine_crf, ir_labels, train_irn, refine_irn,
@@ -196,7 +205,7 @@ rule refine_crf:
 rule ir_labels:
     input: data=DATA, seeds=lambda w: host(w.host)["seeds"]
     output: labels=directory("outputs/{host}irn/ir_labels")
-    params: **sections("params", "seeds", "irn"), map=lambda w: host(w.host)["map"]
+    params: **sections("params", "seeds", irn=IRN_LABEL_KEYS), map=lambda w: host(w.host)["map"]
     log: "outputs/logs/{host}ir_labels.log"
     threads: 2
     resources: mem_mb=3000
@@ -210,7 +219,7 @@ rule train_irn:
     input: data=DATA, labels="outputs/{host}irn/ir_labels", classifier="outputs/train_cls/model.pt"
     output: model="outputs/{host}irn/model.pt", metrics="outputs/{host}irn/metrics.json",
             timing="outputs/{host}irn/timing.json"
-    params: **sections("params", "data", "train_cls", "seeds", "irn", "run")
+    params: **sections("params", "data", "train_cls", "seeds", "run", irn=IRN_TRAIN_KEYS)
     log: "outputs/logs/train_{host}irn.log"
     threads: 2
     resources: mem_mb=4000, gpu=GPU
@@ -223,7 +232,7 @@ rule train_irn:
 rule refine_irn:
     input: data=DATA, seeds=lambda w: host(w.host)["seeds"], model="outputs/{host}irn/model.pt"
     output: maps=directory("outputs/{host}irn/maps"), timing="outputs/{host}irn/refine_timing.json"
-    params: **sections("params", "seeds", "irn", "run"), map=lambda w: host(w.host)["map"]
+    params: **sections("params", "seeds", "run", irn=IRN_REFINE_KEYS), map=lambda w: host(w.host)["map"]
     log: "outputs/logs/refine_{host}irn.log"
     threads: 2
     resources: mem_mb=4000, gpu=GPU

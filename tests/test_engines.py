@@ -58,11 +58,16 @@ def snakefile_rules() -> dict[str, str]:
 
 
 def snakefile_param_sections() -> dict[str, set[str]]:
-    """Rule -> the params.yaml sections it declares with sections(...), for all its jobs alike."""
+    """Rule -> the params.yaml sections (`irn`) and section keys (`irn.beta`) it declares with sections(...), for
+    all its jobs alike; a keyword argument names a tuple of keys the Snakefile defines."""
+    text = (ROOT / "Snakefile").read_text()
     found = {}
     for name, block in snakefile_rules().items():
         call = re.search(r"\*\*sections\(([^)]*)\)", block)
         found[name] = set(re.findall(r'"(\w+)"', call.group(1))) if call else set()
+        for section, constant in re.findall(r"(\w+)=(\w+)", call.group(1) if call else ""):
+            keys = re.search(rf"^{constant} = \(([^)]*)\)", text, flags=re.M).group(1)
+            found[name] |= {f"{section}.{key}" for key in re.findall(r'"(\w+)"', keys)}
     return found
 
 
@@ -97,6 +102,19 @@ def test_same_params_sections(both: tuple[dict, dict]) -> None:
     sections = snakefile_param_sections()
     for outs, job in smk.items():
         assert sections[job["rule"]] == dvc[outs]["params"], sorted(outs)
+
+
+def test_the_irn_stages_declare_the_keys_their_code_reads() -> None:
+    """Per-key params for IRN (a walk setting does not retrain the boundary network): the keys each rule declares
+    are the tuple its code fingerprints its work with."""
+    from cpal.irn.labels import LABEL_KEYS
+    from cpal.irn.refine import REFINE_KEYS
+    from cpal.irn.train import TRAIN_KEYS
+
+    declared = snakefile_param_sections()
+    for rule, keys in (("ir_labels", LABEL_KEYS), ("train_irn", TRAIN_KEYS), ("refine_irn", REFINE_KEYS)):
+        assert {k.split(".", 1)[1] for k in declared[rule] if k.startswith("irn.")} == set(keys), rule
+        assert "irn" not in declared[rule], rule
 
 
 def test_each_stage_module_is_declared_once_per_engine() -> None:

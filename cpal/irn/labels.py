@@ -28,6 +28,7 @@ from cpal.seeds.refinement import resumable_maps
 from cpal.seeds.store import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 
 IGNORE = 255
+LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf")  # the irn keys this stage reads (dvc.yaml too)
 CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
 
 
@@ -98,7 +99,6 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
     if derived:
         log.info("IRN planes from the seeds' own score histogram (Otsu, no ground truth): %s", derived)
-    keys = ("map", "fg_threshold", "bg_threshold", "label_crf")
     counts = np.zeros(3, dtype=np.int64)  # foreground, background, ignore pixels
 
     def load(image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,7 +106,7 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
         maps, k = read_maps(seed_dir, image_id, image.shape[:2], cfg["map"])
         return image, maps, k
 
-    with resumable_maps(out_dir, seed_dir, dataset.ids, {k: cfg[k] for k in keys}, log, "ir_labels", progress,
+    with resumable_maps(out_dir, seed_dir, dataset.ids, {k: cfg[k] for k in LABEL_KEYS}, log, "ir_labels", progress,
                         kind="labels") as (partial, todo, bar):
         t0 = time.perf_counter()
 

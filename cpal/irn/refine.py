@@ -6,7 +6,9 @@ raised to `irn.power` (SIPE uses 1.5; IRN 1), the walk of maps x (1 - B) with af
 (1 - max B on the path) ** beta within `irn.walk_radius`, 2^exp_times steps; the result upsampled 4x
 (bilinear), divided by its maximum over all classes, a background plane at `irn.sem_seg_bg_thres`
 (IRN 0.25) put in front, argmax to class ids. The walk is sparse by default (see random_walk.py): a
-VOC-sized image never builds the 550 MB dense transition matrix.
+VOC-sized image never builds the 550 MB dense transition matrix. With `irn.boundaries: ground_truth` the
+walk reads the pixel labels' class edges instead of the network's map (cpal/irn/oracle.py): an oracle that
+shows what the seeds and the walk can reach, never a weakly supervised result.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from cpal.core.io import save_label_png
 from cpal.core.runtime import peak_rss_mib
 from cpal.core.training import resolve_device
 from cpal.data.torch_data import image_batch
+from cpal.data.voc import DatasetError
 from cpal.irn.labels import read_maps
 from cpal.irn.model import STRIDE, BoundaryNet, grid_size, load_boundary_net
+from cpal.irn.oracle import ground_truth_boundary
 from cpal.irn.path_index import PathIndex
 from cpal.irn.random_walk import random_walk
 from cpal.irn.thresholds import resolve_planes
@@ -34,7 +38,7 @@ from cpal.seeds.refinement import refinement_inputs, resumable_maps
 from cpal.seeds.store import check_complete
 
 BOUNDARY_BATCH = 16  # images per boundary forward (same size only)
-REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk")
+REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk", "boundaries")
 
 
 def to_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -87,12 +91,19 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
 
     ``map_key`` (the stage's --map) names the seed map to walk instead of `irn.map`."""
     dataset, cfg = refinement_inputs(params, "irn", data_dir, map_key)
+    oracle = cfg["boundaries"] == "ground_truth"
+    if oracle and not dataset.has_masks():
+        raise DatasetError(f"irn.boundaries: ground_truth needs pixel labels, and split {dataset.split!r} of "
+                         f"{data_dir} has none; use irn.boundaries: network")
     device = resolve_device(params["run"]["device"])
     check_complete(seed_dir, dataset.ids)
     cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
     if derived:
         log.info("walk background plane %.4f from the seeds' own score histogram (Otsu, no ground truth): %s",
                  cfg["sem_seg_bg_thres"], derived)
+    if oracle:
+        log.warning("irn.boundaries: ground_truth: the walk reads the pixel labels' class edges (an oracle for "
+                    "analysis; these masks are not weakly supervised)")
     model = load_boundary_net(irn_path, device, params["train_cls"]["backbone"], params["train_cls"]["output_stride"])
     index = PathIndex.of(cfg["walk_radius"])
     if device.type == "cuda":
@@ -105,7 +116,10 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         for ids in dataset.size_batches(BOUNDARY_BATCH, todo):
             images = [dataset.image(i) for i in ids]
             t1 = time.perf_counter()
-            edges = boundaries(model, images, cfg["flip"], device)
+            if oracle:
+                edges = [ground_truth_boundary(dataset.mask(i)).to(device) for i in ids]
+            else:
+                edges = boundaries(model, images, cfg["flip"], device)
             _sync(device)
             times["boundary"] += [(time.perf_counter() - t1) / len(ids)] * len(ids)
             for image_id, image, boundary in zip(ids, images, edges, strict=True):
@@ -129,6 +143,7 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         "peak_rss_mb": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "walk": cfg["walk"],
+        "boundaries": cfg["boundaries"],  # ground_truth: an oracle's masks
         "sem_seg_bg_thres": cfg["sem_seg_bg_thres"],
         "derived_planes": derived,
     }
