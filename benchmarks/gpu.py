@@ -38,9 +38,7 @@ import yaml
 from cpal.core.config import load_params, merge, validate_params
 from cpal.core.io import write_json, write_text
 from cpal.core.runtime import machine_description
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite, also when loaded by file path
-from suite import stage_costs  # noqa: E402  (parses the stage logs' last line)
+from cpal.report.bench import stage_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("benchmarks.gpu")

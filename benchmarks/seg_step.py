@@ -10,8 +10,6 @@ values); the best of `--repeats` means over 10 steps after 2 warm-up steps, alon
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +17,8 @@ import torch.nn.functional as F
 from cpal.backbone import ASPPv2
 from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
+from cpal.report.bench import optimizer_step, timed
 from cpal.seg.model import build_segmenter
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling suite, also when loaded by file path
-from suite import optimizer_step, timed  # noqa: E402  (one training step as the stages run it; wall times)
 
 
 def _full_branch(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

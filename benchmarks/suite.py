@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shlex
 import shutil
 import statistics
@@ -38,30 +37,14 @@ from cpal.backbone import for_inference
 from cpal.core.io import write_json, write_text
 from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
-from cpal.report.bench import snakemake_in
+from cpal.report.bench import optimizer_step, snakemake_in, stage_costs, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)"
-                      r"(?: cuda_peak_mib=(\d+))?")
 LOG = logging.getLogger("benchmarks")
 
 
 # ---------------------------------------------------------------------------------------------------
 # End to end
-
-
-def stage_costs(logs: Path) -> dict[str, dict[str, float]]:
-    """Per stage log: start/end (epoch s), wall s, peak RSS MiB of the stage process and its CUDA peak MiB
-    (None where the process did not use CUDA)."""
-    costs = {}
-    for log in sorted(logs.glob("*.log")):
-        matches = list(FINISHED.finditer(log.read_text()))  # the last run's line
-        if matches:
-            match = matches[-1]
-            start, end, wall, rss = (float(g) for g in match.groups()[:4])
-            cuda = None if match.group(5) is None else float(match.group(5))
-            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss, "cuda_peak_mib": cuda}
-    return costs
 
 
 def covered_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -94,15 +77,6 @@ def run_e2e(ws: Path, params: dict[str, Any], cores: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------
 # Parts
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def matmul_flops(repeats: int, n: int = 2048) -> dict[str, Any]:
@@ -252,16 +226,6 @@ def bare_seed_forward(params: dict[str, Any], ws: Path, n: int, repeats: int) ->
 
     run()  # warm-up
     return timed(run, repeats)
-
-
-def optimizer_step(loss_fn, optimizer: torch.optim.Optimizer):
-    """One training step as the stages run it: loss, zero_grad, backward, optimizer step."""
-    def step() -> None:
-        loss = loss_fn()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -24,7 +24,7 @@ import yaml
 from cpal.core.config import load_params, load_yaml, merge, validate_params
 from cpal.core.io import write_text
 from cpal.core.runtime import machine_description
-from cpal.report.bench import snakemake_in
+from cpal.report.bench import snakemake_in, stage_costs
 from cpal.report.experiments import METRICS, save_with_footer
 from cpal.report.summary import stage_seconds
 
@@ -202,14 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def log_peak(logs: Path) -> tuple[str, float]:
-    """(stage, MiB) of the largest peak RSS any stage log of the folder records (each stage logs its own)."""
-    best = ("", 0.0)
-    for log in logs.glob("*.log"):
-        for line in log.read_text().splitlines():
-            if "peak_rss_mib=" in line:
-                mib = float(line.rsplit("peak_rss_mib=", 1)[1].split()[0])
-                best = max(best, (log.stem, mib), key=lambda b: b[1])
-    return best
+    """(stage, MiB) of the largest peak RSS the stage logs of the folder record (each stage logs its own)."""
+    costs = stage_costs(logs)
+    return max(((stage, c["peak_rss_mib"]) for stage, c in costs.items()), key=lambda b: b[1], default=("", 0.0))
 
 
 def collect(spec: dict, work_root: Path, out: Path, planes: list[float]) -> None:

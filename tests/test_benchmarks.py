@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from cpal.report.bench import stage_costs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,11 +45,11 @@ def test_stage_log_line_is_parsed(suite, tmp_path: Path) -> None:
     for handler in list(log.handlers):
         handler.close()
         log.removeHandler(handler)
-    costs = suite.stage_costs(logs)["train_cls"]
+    costs = stage_costs(logs)["train_cls"]
     assert costs["wall_s"] > 0 and costs["peak_rss_mib"] > 10
     assert costs["cuda_peak_mib"] is None  # only a process that used CUDA logs it (tests/gpu checks that one)
     (logs / "gpu.log").write_text("x INFO finished start=1.0 end=2.0 wall_s=1.0 peak_rss_mib=9 cuda_peak_mib=77\n")
-    assert suite.stage_costs(logs)["gpu"]["cuda_peak_mib"] == 77
+    assert stage_costs(logs)["gpu"]["cuda_peak_mib"] == 77
     assert costs["end"] - costs["start"] == pytest.approx(costs["wall_s"], abs=0.01)
 
 
@@ -107,7 +109,7 @@ def test_report_puts_the_earlier_run_beside_this_one(suite, tmp_path: Path) -> N
     logs.mkdir(parents=True)
     (logs / "train_cls.log").write_text("x INFO finished start=100.000 end=160.000 wall_s=60.000 peak_rss_mib=900\n")
     (logs / "make_seeds.log").write_text("x INFO finished start=150.000 end=200.000 wall_s=50.000 peak_rss_mib=800\n")
-    now["artifact_stages"] = suite.stage_costs(logs)
+    now["artifact_stages"] = stage_costs(logs)
     md = suite.markdown(now)
     assert "| time covered by at least one stage | 100.0 | |" in md
     assert "the artifacts' own run: time its stages cover) | " in md and "| 100 s |" in md

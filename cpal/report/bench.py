@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,9 +279,6 @@ def snakemake_in(folder: Path, params: dict[str, Any], targets: list[str], cores
     params.yaml (and `extra` merged over it as a --configfile); the code stays where it is. For what DVC's
     experiments cannot express: a study that reads files a run leaves (logs, maps), or times a whole run.
     Output goes to folder/snakemake.log; returns the wall seconds. A finished target is not run again."""
-    import os
-    import time
-
     root = Path(__file__).resolve().parents[2]
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "params.yaml").is_file() or load_params(folder / "params.yaml") != params:
@@ -295,6 +295,45 @@ def snakemake_in(folder: Path, params: dict[str, Any], targets: list[str], cores
     if code != 0:
         raise SystemExit(f"Snakemake failed in {folder} (exit {code}): see {folder / 'snakemake.log'}")
     return time.perf_counter() - t0
+
+
+FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)"
+                      r"(?: cuda_peak_mib=(\d+))?")
+
+
+def stage_costs(logs: Path) -> dict[str, dict[str, float | None]]:
+    """Per stage log in ``logs``, what its last run's `finished` line (cpal.core.runtime.process_cost) says: start
+    and end (epoch s), wall_s, peak_rss_mib of the stage process, cuda_peak_mib (None where it used no CUDA)."""
+    costs = {}
+    for log in sorted(Path(logs).glob("*.log")):
+        matches = list(FINISHED.finditer(log.read_text()))
+        if matches:
+            match = matches[-1]
+            start, end, wall, rss = (float(g) for g in match.groups()[:4])
+            cuda = None if match.group(5) is None else float(match.group(5))
+            costs[log.stem] = {"start": start, "end": end, "wall_s": wall, "peak_rss_mib": rss, "cuda_peak_mib": cuda}
+    return costs
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``fn``: how the benchmark scripts time a part."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def optimizer_step(loss_fn: Callable[[], Any], optimizer: Any) -> Callable[[], None]:
+    """One plain training step to time (loss, zero_grad, backward, step: cpal.core.training.scaled_step without
+    AMP, clipping or schedule)."""
+    def step() -> None:
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
 
 
 def _cell(values: pd.Series, digits: int = 1) -> str:
