@@ -74,6 +74,18 @@ def test_a_lock_recorded_with_other_params_is_stale() -> None:
     assert pd.isna(table.loc["cos", "seeds_cam"]) and "seeds_cam" in table.loc["cos", "stale"]
 
 
+def test_a_lock_with_per_key_params_is_read_key_by_key() -> None:
+    """Stages may declare single keys (dvc.lock records `params.K: 1`): fresh when each equals the experiment's."""
+    show, locks = _exp_show()
+    lock = locks["b" * 40]
+    lock["stages"]["eval_seeds"]["params"]["params.yaml"] = {"params.K": 1, "params.metric": "dot"}
+    assert experiment_table(show, locks.get).set_index("experiment").loc["k1", "seeds_cam"] == 25.0
+    lock["stages"]["eval_seeds"]["params"]["params.yaml"] = {"params.K": 5}  # recorded with another K: stale
+    assert pd.isna(experiment_table(show, locks.get).set_index("experiment").loc["k1", "seeds_cam"])
+    lock["stages"]["eval_seeds"]["params"]["params.yaml"] = {"params.missing": None}  # a key the params lack
+    assert pd.isna(experiment_table(show, locks.get).set_index("experiment").loc["k1", "seeds_cam"])
+
+
 def test_swept_params_are_the_ones_that_differ() -> None:
     show, locks = _exp_show()
     assert swept_params(experiment_table(show, locks.get)) == ["params.K", "params.metric"]

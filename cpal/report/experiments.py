@@ -134,6 +134,20 @@ def _hash(entry: dict[str, Any]) -> str | None:
     return None
 
 
+_MISSING = object()
+
+
+def _param(params: dict[str, Any], key: str) -> Any:
+    """The value a lock's params key names: a whole section (`irn`) or, dotted, one key of it (`irn.beta`, as
+    the IRN stages declare theirs); a key the params lack is never equal to a recorded value."""
+    value: Any = params
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
 def _fresh(path: str, lock: dict[str, Any] | None, params: dict[str, Any]) -> bool:
     """True if the lock names the stage that wrote `path` and it is up to date along its whole upstream
     chain: every stage on it recorded with these params, every dep with the hash its producer recorded."""
@@ -150,7 +164,7 @@ def _fresh(path: str, lock: dict[str, Any] | None, params: dict[str, Any]) -> bo
             verdict[name] = False  # a cycle (not a valid DAG) is not fresh
             stage = stages[name]
             recorded = (stage.get("params") or {}).get(PARAMS_FILE) or {}
-            ok = all(params.get(section) == value for section, value in recorded.items())
+            ok = all(_param(params, key) == value for key, value in recorded.items())
             for dep in (stage.get("deps") or []) if ok else []:
                 producer = producers.get(dep.get("path"))
                 if producer is None:  # code or raw input: no stage to be stale against
