@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cpal.data.voc import IGNORE_INDEX
 from cpal.irn.model import STRIDE
 
-IGNORE = 255
 
-
-def fill_ignored(mask: np.ndarray, ignore: int = IGNORE) -> np.ndarray:
+def fill_ignored(mask: np.ndarray, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """The mask with every ignored pixel given the class of its nearest labelled pixel (all ignored: as is)."""
     hole = mask == ignore
     if not hole.any() or hole.all():

@@ -94,7 +94,7 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
     oracle = cfg["boundaries"] == "ground_truth"
     if oracle and not dataset.has_masks():
         raise DatasetError(f"irn.boundaries: ground_truth needs pixel labels, and split {dataset.split!r} of "
-                         f"{data_dir} has none; use irn.boundaries: network")
+                           f"{data_dir} has none; use irn.boundaries: network")
     device = resolve_device(params["run"]["device"])
     check_complete(seed_dir, dataset.ids)
     cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
