@@ -84,7 +84,10 @@ def test_an_override_that_fails_the_schema_is_refused_before_anything_runs(
     ({"ratios": [["seeds", "deeplab"]]}, "ratio ['seeds', 'deeplab']"),
     ({"goals": [{"pair": ["noflip", "cpal"], "metric": "seeds", "at_least": 2}]}, "goal {'pair': ['noflip', 'cpal']"),
     ({"goals": [{"pair": ["noflip", "cam"], "metric": "s_make_seeds", "at_least": 2}]}, "an mIoU metric"),
-    ({"goals": [{"pair": ["noflip", "cam"], "metric": "seeds"}]}, "at_least: <points>"),
+    ({"goals": [{"pair": ["noflip", "cam"], "metric": "seeds"}]}, "at_least or at_most: <points>"),
+    ({"goals": [{"pair": ["noflip", "cam"], "metric": "seeds", "at_least": 2, "at_most": 3}]}, "at_least or at_most"),
+    ({"gains": [["seeds", "s_make_seeds"]]}, "gain ['seeds', 's_make_seeds'] must name two of the benchmark's mIoU"),
+    ({"goals": [{"gain": ["seeds", "seeds"], "column": "cpal", "at_most": 2}]}, "columns ['cam', 'noflip']"),
 ])
 def test_a_malformed_benchmark_file_is_refused_naming_the_key(tmp_path: Path, changes: dict, message: str) -> None:
     with pytest.raises(bench.BenchError) as error:
@@ -173,6 +176,28 @@ def test_goals_are_judged_on_the_mean_paired_gain(tmp_path: Path) -> None:
     assert "- cam minus noflip, seeds: -2.00 ± 1.41 over 2 seeds (goal >= +0.0): NOT met." in md
     md = bench.to_markdown(spec, done[done.column == "cam"], "a machine", "abc1234")
     assert "- noflip minus cam, seeds (goal >= +2.0): not measured." in md
+
+
+def test_steps_within_a_column_are_paired_by_seed_and_judged_on_either_side(tmp_path: Path) -> None:
+    """`gains`: what one step of the chain adds inside each column (the CRF over the seeds, IRN over the CRF);
+    a goal on a step may be a ceiling (the CRF alone at most +10 over the seeds) or a floor."""
+    goals = [{"gain": ["crf", "seeds"], "column": "cam", "at_most": 10},
+             {"gain": ["crf", "seeds"], "column": "noflip", "at_most": 10},
+             {"gain": ["crf", "seeds"], "column": "cam", "at_least": 5}]
+    spec = bench.load_spec(_spec(tmp_path, metrics=["seeds", "crf"], gains=[["crf", "seeds"]], goals=goals))
+    done = pd.DataFrame([
+        {"experiment": "x", "column": "cam", "seed": 0, "rev": "r", "seeds": 40.0, "crf": 46.0},
+        {"experiment": "x", "column": "cam", "seed": 1, "rev": "r", "seeds": 44.0, "crf": 52.0},
+        {"experiment": "x", "column": "noflip", "seed": 0, "rev": "r", "seeds": 41.0, "crf": 61.0},
+        {"experiment": "x", "column": "noflip", "seed": 1, "rev": "r", "seeds": 47.0, "crf": None}])
+    md = bench.to_markdown(spec, done, "a machine", "abc1234")
+    assert "- cam: crf minus seeds: +7.0 ± 1.4 points (per seed +6.0, +8.0)." in md
+    assert "- noflip: crf minus seeds: +20.0 points (per seed +20.0)." in md  # seed 1 has no crf: left out
+    assert "- cam: crf minus seeds: +7.00 ± 1.41 over 2 seeds (goal <= +10.0): met." in md
+    assert "- noflip: crf minus seeds: +20.00 over 1 seed (goal <= +10.0): NOT met." in md
+    assert "- cam: crf minus seeds: +7.00 ± 1.41 over 2 seeds (goal >= +5.0): met." in md
+    md = bench.to_markdown(spec, done[done.column == "noflip"], "a machine", "abc1234")
+    assert "- cam: crf minus seeds (goal <= +10.0): not measured." in md
 
 
 def test_a_benchmark_runs_as_dvc_experiments_and_resumes(tmp_path: Path) -> None:

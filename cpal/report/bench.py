@@ -16,8 +16,11 @@ vouched for by its experiment's dvc.lock as in cpal-compare (cpal.report.experim
 A benchmark file holds: `title`, `about` (what the reader should know), `out` (the results stem: writes
 STEM.md, STEM.csv, STEM.png), `seeds` (values of run.seed), `targets` (the DVC stages to reproduce), `base`
 (overrides for every column, optional), `columns` (name -> overrides), `metrics` (labels of METRICS, the rows),
-and optionally `pairs` ([column a, column b]: a - b paired by seed), `ratios` ([metric a, metric b]) and `goals`
-({pair: [a, b], metric: m, at_least: x}: the paired gain a - b on m, mean over the seeds, met when >= x).
+and optionally `pairs` ([column a, column b]: a - b paired by seed), `gains` ([metric a, metric b]: a - b within
+each column, paired by seed: what a step of the chain adds), `ratios` ([metric a, metric b]) and `goals`: {pair:
+[column a, column b], metric: m, at_least: x} (the paired gain a - b on m) or {gain: [metric a, metric b], column:
+c, at_most: x} (the step a - b in column c), each met when its mean over the seeds is >= x (at_least) or <= x
+(at_most).
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ BENCH_METRICS: tuple[Metric, ...] = METRICS + (
     Metric("s_train_seg", "outputs/seg/timing.json", ("total_seconds",), scale=1.0),
 )
 BY_LABEL = {m.label: m for m in BENCH_METRICS}
-SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "ratios", "goals"}
-GOAL_KEYS = {"pair", "metric", "at_least"}
+SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "gains", "ratios",
+             "goals"}
+BOUNDS = ("at_least", "at_most")
 REQUIRED = {"title", "out", "seeds", "targets", "columns", "metrics"}
 NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
@@ -76,11 +80,28 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class Goal:
-    """A paired gain the benchmark promises to report against: column a minus column b on one metric."""
+    """A gain the benchmark promises to report against, paired by seed: column a minus column b on `metric`,
+    or (`column` set) metric a minus metric b within that column; met when the mean is on the bound's side."""
     a: str
     b: str
-    metric: str
-    at_least: float
+    metric: str | None
+    column: str | None
+    bound: float
+    at_most: bool = False
+
+    def gains(self, done: pd.DataFrame) -> np.ndarray:
+        if self.column is not None:
+            return _within(done, self.column, self.a, self.b)
+        return _paired(done, self.a, self.b, self.metric)
+
+    def what(self) -> str:
+        return f"{self.column}: {self.a} minus {self.b}" if self.column else f"{self.a} minus {self.b}, {self.metric}"
+
+    def rule(self) -> str:
+        return f"goal {'<=' if self.at_most else '>='} {self.bound:+.1f}"
+
+    def met(self, mean: float) -> bool:
+        return mean <= self.bound if self.at_most else mean >= self.bound
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,7 @@ class Spec:
     pairs: tuple[tuple[str, str], ...]
     ratios: tuple[tuple[str, str], ...]
     goals: tuple[Goal, ...] = ()
+    gains: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,22 +175,38 @@ def load_spec(path: Path) -> Spec:
     for ratio in ratios:
         if len(ratio) != 2 or not set(ratio) <= set(metrics):
             raise BenchError(f"{where}: ratio {list(ratio)} must name two of the benchmark's metrics")
+    gains = tuple(tuple(g) for g in raw.get("gains") or [])
+    miou = [m for m in metrics if BY_LABEL[m].scale != 1.0]
+    for gain in gains:
+        if len(gain) != 2 or not set(gain) <= set(miou):
+            raise BenchError(f"{where}: gain {list(gain)} must name two of the benchmark's mIoU metrics {miou}")
     goals = tuple(_goal(g, where, set(columns), metrics) for g in raw.get("goals") or [])
     return Spec(name=name, path=path, title=str(raw["title"]), about=str(raw.get("about") or "").strip(),
                 out=Path(raw["out"]), seeds=tuple(seeds), targets=tuple(raw["targets"]), base=raw.get("base") or {},
                 columns={str(c): o or {} for c, o in columns.items()}, metrics=metrics, pairs=pairs,
-                ratios=ratios, goals=goals)
+                ratios=ratios, goals=goals, gains=gains)
 
 
 def _goal(raw: Any, where: str, columns: set[str], metrics: tuple[str, ...]) -> Goal:
-    form = "{pair: [column a, column b], metric: <an mIoU metric of the benchmark>, at_least: <points>}"
-    if not isinstance(raw, dict) or set(raw) != GOAL_KEYS:
-        raise BenchError(f"{where}: goal {raw!r} must be {form}")
-    pair, metric, at_least = raw["pair"], raw["metric"], raw["at_least"]
-    if (not isinstance(pair, list) or len(pair) != 2 or not set(pair) <= columns or metric not in metrics
-            or BY_LABEL[metric].scale == 1.0 or isinstance(at_least, bool) or not isinstance(at_least, (int, float))):
-        raise BenchError(f"{where}: goal {raw!r} must be {form}; columns {sorted(columns)}, metrics {list(metrics)}")
-    return Goal(pair[0], pair[1], metric, float(at_least))
+    forms = ("{pair: [column a, column b], metric: <an mIoU metric>, at_least or at_most: <points>} or "
+             "{gain: [mIoU metric a, mIoU metric b], column: <a column>, at_least or at_most: <points>}")
+    miou = {m for m in metrics if BY_LABEL[m].scale != 1.0}
+    bounds = [k for k in BOUNDS if isinstance(raw, dict) and k in raw]
+    bad = f"{where}: goal {raw!r} must be {forms}; columns {sorted(columns)}, mIoU metrics {sorted(miou)}"
+    if not isinstance(raw, dict) or len(bounds) != 1:
+        raise BenchError(bad)
+    bound = raw[bounds[0]]
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+        raise BenchError(bad)
+    if set(raw) == {"pair", "metric", bounds[0]}:
+        pair, metric = raw["pair"], raw["metric"]
+        if isinstance(pair, list) and len(pair) == 2 and set(pair) <= columns and metric in miou:
+            return Goal(pair[0], pair[1], metric, None, float(bound), bounds[0] == "at_most")
+    elif set(raw) == {"gain", "column", bounds[0]}:
+        gain, column = raw["gain"], raw["column"]
+        if isinstance(gain, list) and len(gain) == 2 and set(gain) <= miou and column in columns:
+            return Goal(gain[0], gain[1], None, column, float(bound), bounds[0] == "at_most")
+    raise BenchError(bad)
 
 
 def set_value(value: Any) -> str:
@@ -352,6 +390,16 @@ def _paired(done: pd.DataFrame, a: str, b: str, metric: str) -> np.ndarray:
     return (x[common] - y[common]).to_numpy(dtype=float)
 
 
+def _within(done: pd.DataFrame, column: str, a: str, b: str) -> np.ndarray:
+    sub = done[done.column == column]
+    return (sub[a] - sub[b]).dropna().to_numpy(dtype=float)
+
+
+def _gain_line(what: str, gain: np.ndarray) -> str:
+    spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
+    return f"- {what}: {gain.mean():+.1f}{spread} points (per seed {', '.join(f'{g:+.1f}' for g in gain)})."
+
+
 def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> str:
     cols = list(spec.columns)
     seeds = {c: sorted(done[done.column == c].seed.tolist()) for c in cols}
@@ -389,24 +437,26 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
                 continue
             gain = _paired(done, a, b, metric)
             if len(gain) and np.any(gain != 0):  # exactly equal: the same stage output, restored for both
-                spread = f" ± {gain.std(ddof=1):.1f}" if len(gain) > 1 else ""
-                notes.append(f"- {a} minus {b}, {metric}: {gain.mean():+.1f}{spread} points (per seed "
-                             f"{', '.join(f'{g:+.1f}' for g in gain)}).")
+                notes.append(_gain_line(f"{a} minus {b}, {metric}", gain))
+    steps = [_gain_line(f"{col}: {a} minus {b}", gain) for col in cols for a, b in spec.gains
+             if len(gain := _within(done, col, a, b))]
     goals = []
     for goal in spec.goals:
-        gain = _paired(done, goal.a, goal.b, goal.metric)
+        gain = goal.gains(done)
         if len(gain) == 0:
-            goals.append(f"- {goal.a} minus {goal.b}, {goal.metric} (goal >= {goal.at_least:+.1f}): not measured.")
+            goals.append(f"- {goal.what()} ({goal.rule()}): not measured.")
             continue
         spread = f" ± {gain.std(ddof=1):.2f}" if len(gain) > 1 else ""
-        verdict = "met" if gain.mean() >= goal.at_least else "NOT met"
-        goals.append(f"- {goal.a} minus {goal.b}, {goal.metric}: {gain.mean():+.2f}{spread} over {len(gain)} "
-                     f"seed{'s' if len(gain) > 1 else ''} (goal >= {goal.at_least:+.1f}): {verdict}.")
+        verdict = "met" if goal.met(gain.mean()) else "NOT met"
+        goals.append(f"- {goal.what()}: {gain.mean():+.2f}{spread} over {len(gain)} seed{'s' if len(gain) > 1 else ''}"
+                     f" ({goal.rule()}): {verdict}.")
     if goals:
         lines += ["", "## Goals", "", "Paired by seed, the mean of the per-seed gains against the goal.", "", *goals]
     if notes:
         lines += ["", "## Paired by seed", "", "Metrics exactly equal in both columns (a stage the run-cache restored "
                   "for both) are not listed.", "", *notes]
+    if steps:
+        lines += ["", "## Steps within each column, paired by seed", "", *steps]
     lines += ["", f"![{spec.name}]({spec.out.name}.png)"]
     return "\n".join(lines) + "\n"
 
