@@ -61,3 +61,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def dvc_pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny default DAG reproduced by `dvc repro` in two workspaces side by side (`first`, `second`), a
+    concurrent `dvc repro` tried in the first (reliability.helpers.reproduce_side_by_side). Run once per
+    session: the determinism tests compare the two, and the end-to-end and remote tests copy one
+    (pipeline_workspace.copy_workspace) instead of running the DAG again."""
+    from reliability.helpers import reproduce_side_by_side
+
+    return reproduce_side_by_side(tmp_path_factory.mktemp("dvc_pair"))

@@ -41,6 +41,14 @@ def tiny_workspace(dest: Path) -> Path:
     return dest
 
 
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A finished workspace copied whole (git history, DVC cache, outputs, locks) to work on without touching
+    it. DVC's state database (.dvc/tmp) stays behind: it keys file hashes by inode, which a copy changes."""
+    shutil.copytree(src, dest, symlinks=True, ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc"
+                    else [])
+    return dest
+
+
 def engine_env() -> dict[str, str]:
     """The environment the engines run in: this Python's bin first, no PYTHONPATH (stages must import cpal from
     the workspace itself), a git identity for `dvc exp run`'s commits."""

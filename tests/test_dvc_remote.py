@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from pipeline_workspace import dvc_repro_plan, engine_env, run_in, tiny_workspace
+from pipeline_workspace import copy_workspace, dvc_repro_plan, engine_env, run_in
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -127,11 +127,11 @@ def _dvc_error(res: subprocess.CompletedProcess, *expected: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """The tiny default pipeline run once, its locks committed, pushed to a shared folder."""
+def finished(tmp_path_factory: pytest.TempPathFactory, dvc_pair: dict) -> Finished:
+    """The tiny default pipeline run once (the session's `dvc repro`, tests/conftest.py, copied), its locks
+    committed, pushed to a shared folder."""
     base = tmp_path_factory.mktemp("team")
-    ws = tiny_workspace(base / "ws")
-    run_in(ws, [*DVC, "repro", "-q"])
+    ws = copy_workspace(dvc_pair["first"], base / "ws")
     run_in(ws, ["git", "add", *LOCKS])
     run_in(ws, ["git", "commit", "-qm", "finished run"])
     remote = base / "shared" / "cpal-dvc"  # what `dvc remote add -d --local team /shared/cpal-dvc` points at

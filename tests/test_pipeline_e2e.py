@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from folder_workspace import export_folder
-from pipeline_workspace import engine_env, run_in, tiny_workspace
+from pipeline_workspace import copy_workspace, engine_env, run_in, tiny_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 # Outputs that must not depend on the engine (timings and machine-stamped figures excluded).
@@ -48,9 +48,9 @@ def snakemake_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dvc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ws = tiny_workspace(tmp_path_factory.mktemp("dvc") / "ws")
-    _run([sys.executable, "-m", "dvc", "repro", "-q"], ws)
+def dvc_run(tmp_path_factory: pytest.TempPathFactory, dvc_pair: dict) -> Path:
+    """The session's `dvc repro` of the default DAG (tests/conftest.py), copied, then the branches on request."""
+    ws = copy_workspace(dvc_pair["second"], tmp_path_factory.mktemp("dvc") / "ws")
     _run([sys.executable, "-m", "dvc", "repro", "-q", "hosts/dvc.yaml:eval_pseudo@irn"], ws)  # IRN, on request
     _run([sys.executable, "-m", "dvc", "repro", "-q", "--glob", "hosts/dvc.yaml:*amn*"], ws)  # AMN, on request
     return ws

@@ -98,3 +98,28 @@ def kill_on_progress(proc: subprocess.Popen, epoch: int, timeout: float = 240) -
                 return text
     proc.kill()
     raise AssertionError(f"no progress of epoch {epoch} within {timeout} s:\n{text[-3000:]}")
+
+
+def reproduce_side_by_side(base: Path, timeout: float = 900) -> dict:
+    """Two tiny workspaces under ``base`` reproduced by `dvc repro` at the same time, and while the first runs a
+    third `dvc repro` tried in it (it must be refused). Returns the workspaces `first` and `second`, the refused
+    run's result (`concurrent`) and whether the first was still busy when it was tried (`first_busy`)."""
+    from pipeline_workspace import tiny_workspace
+
+    dvc = [PYTHON, "-m", "dvc", "repro"]
+    workspaces = {name: tiny_workspace(base / name / "ws") for name in ("first", "second")}
+    procs = {}
+    for name, ws in workspaces.items():
+        with open(ws.parent / "repro.out", "w") as out:  # the child keeps its own copy of the descriptor
+            procs[name] = subprocess.Popen(dvc, cwd=ws, env=env(workspace=True), stdout=out, stderr=subprocess.STDOUT)
+    first = workspaces["first"]
+    wait_for(lambda: (first / "outputs" / "logs" / "train_cls.log").is_file(), timeout, "train_cls to start",
+             procs["first"])
+    concurrent = subprocess.run(dvc, cwd=first, env=env(workspace=True), capture_output=True, text=True,
+                                timeout=timeout)
+    first_busy = procs["first"].poll() is None
+    for name, proc in procs.items():
+        rc = proc.wait(timeout=timeout)
+        ws = workspaces[name]
+        assert rc == 0, f"dvc repro in {ws} failed:\n{(ws.parent / 'repro.out').read_text()[-4000:]}"
+    return {**workspaces, "concurrent": concurrent, "first_busy": first_busy}

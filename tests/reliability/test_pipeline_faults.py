@@ -52,20 +52,10 @@ def _output(cwd: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dvc_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Workspaces `first` and `second` reproduced side by side; a concurrent `dvc repro` tried in `first`."""
-    first = tiny_workspace(tmp_path_factory.mktemp("dvc_first") / "ws")
-    second = tiny_workspace(tmp_path_factory.mktemp("dvc_second") / "ws")
-    procs = {"first": _start(DVC + ["repro"], first, "repro"), "second": _start(DVC + ["repro"], second, "repro")}
-    wait_for(lambda: (first / "outputs" / "logs" / "train_cls.log").is_file(), TIMEOUT, "train_cls to start",
-             procs["first"])
-    concurrent = _run(DVC + ["repro"], first)
-    first_busy = procs["first"].poll() is None
-    for name, proc in procs.items():
-        rc = proc.wait(timeout=TIMEOUT)
-        ws = first if name == "first" else second
-        assert rc == 0, f"dvc repro in {ws} failed:\n{_output(ws, 'repro')[-4000:]}"
-    return {"first": first, "second": second, "concurrent": concurrent, "first_busy": first_busy}
+def dvc_runs(dvc_pair: dict) -> dict:
+    """Workspaces `first` and `second` reproduced side by side; a concurrent `dvc repro` tried in `first`
+    (tests/conftest.py: the end-to-end and remote tests copy them rather than run the DAG again)."""
+    return dvc_pair
 
 
 def test_concurrent_dvc_repro_is_refused(dvc_runs: dict) -> None:
