@@ -200,6 +200,16 @@ def test_steps_within_a_column_are_paired_by_seed_and_judged_on_either_side(tmp_
     assert "- cam: crf minus seeds (goal <= +10.0): not measured." in md
 
 
+def test_experiments_whose_metrics_cannot_be_read_are_named(tmp_path: Path) -> None:
+    """A clone without the DVC cache: the experiments are there with their params, every metric is missing."""
+    spec = bench.load_spec(_spec(tmp_path))
+    blind = pd.DataFrame([{"experiment": "mini-cam-s0", "column": "cam", "seed": 0, "rev": "r", "seeds": None,
+                           "s_make_seeds": None}])
+    assert "dvc cache dir --local" in bench.unreadable_metrics(spec, blind)
+    assert bench.unreadable_metrics(spec, blind.assign(seeds=40.0)) is None
+    assert bench.unreadable_metrics(spec, blind.iloc[:0]) is None
+
+
 def test_a_benchmark_runs_as_dvc_experiments_and_resumes(tmp_path: Path) -> None:
     """Tiny preset, two columns that share a classifier, one seed: two experiments, the second restores
     train_cls from DVC's run-cache; a second run of the command runs nothing; the workspace is untouched."""

@@ -299,6 +299,16 @@ def missing(spec: Spec, exps: list[Experiment], done: pd.DataFrame) -> list[Expe
     return [e for e in exps if e.name not in complete]
 
 
+def unreadable_metrics(spec: Spec, done: pd.DataFrame) -> str | None:
+    """Why experiments that ran with the benchmark's params show no metric at all, if that is so: `dvc exp show`
+    reads the metrics files from the DVC cache, so a clone without the cache they were stored in sees none."""
+    if done.empty or done[list(spec.metrics)].notna().any().any():
+        return None
+    return (f"{len(done)} experiment(s) ran with this benchmark's params but none of their metrics could be read "
+            "(`dvc exp show` reads metrics files from the DVC cache: in a clone, point it at the cache they were "
+            "stored in with `dvc cache dir --local <path>`); they count as not recorded")
+
+
 def run_experiment(exp: Experiment, spec: Spec, repo: Path, existing: set[str]) -> None:
     if exp.name in existing:  # recorded but incomplete or with other params: replaced
         subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", exp.name], cwd=repo, check=True)
@@ -525,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = missing(spec, exps, done)
     print(f"[cpal-bench] {spec.name}: {len(exps)} experiments, {len(exps) - len(todo)} recorded, "
           f"{len(todo)} to run", flush=True)
+    if unreadable := unreadable_metrics(spec, done):
+        print(f"[cpal-bench] warning: {unreadable}", file=sys.stderr, flush=True)
     if args.action == "run":
         if args.dry_run:
             for exp in todo:
