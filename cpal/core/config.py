@@ -80,11 +80,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
 # The embedded generator's versions and what version 2 adds (cpal/data/embedded.py draws them).
 EMBEDDED_VERSIONS = (1, 2)
 PHOTO_KEYS = ("shading", "texture", "edge_fade", "clutter_match", "blur", "noise")
+# Optional version 2 settings and their values, the first the default (cpal/data/embedded.py says what each does).
+PHOTO_OPTIONAL = {"fade": ("surface", "colour")}
 
 
 def check_embedded_version(c: dict[str, Any]) -> None:
     """data.embedded: `version` is one of EMBEDDED_VERSIONS and `photo` holds exactly what that version uses:
-    version 1 no photo settings (null or absent), version 2 every key of PHOTO_KEYS."""
+    version 1 no photo settings (null or absent), version 2 every key of PHOTO_KEYS (PHOTO_OPTIONAL may
+    be left out)."""
     version, photo = c.get("version", 1), c.get("photo")
     allowed = ", ".join(str(v) for v in EMBEDDED_VERSIONS)
     if isinstance(version, bool) or version not in EMBEDDED_VERSIONS:
@@ -97,10 +100,15 @@ def check_embedded_version(c: dict[str, Any]) -> None:
         return
     if not isinstance(photo, dict):
         raise ValueError(f"data.embedded.version 2 needs data.embedded.photo with keys {', '.join(PHOTO_KEYS)}")
-    extra, missing = sorted(set(photo) - set(PHOTO_KEYS)), [k for k in PHOTO_KEYS if k not in photo]
+    extra = sorted(set(photo) - set(PHOTO_KEYS) - set(PHOTO_OPTIONAL))
+    missing = [k for k in PHOTO_KEYS if k not in photo]
     if extra or missing:
-        raise ValueError(f"data.embedded.photo: unknown key(s) {extra}, missing {missing}; "
-                         f"version 2 uses exactly {', '.join(PHOTO_KEYS)}")
+        raise ValueError(f"data.embedded.photo: unknown key(s) {extra}, missing {missing}; version 2 uses "
+                         f"{', '.join(PHOTO_KEYS)} and optionally {', '.join(PHOTO_OPTIONAL)}")
+    for key, allowed_values in PHOTO_OPTIONAL.items():
+        if key in photo and photo[key] not in allowed_values:
+            raise ValueError(f"data.embedded.photo.{key} = {photo[key]!r}: allowed values are "
+                             f"{', '.join(allowed_values)}")
     limits = {"shading": 1.0, "texture": 1.0, "edge_fade": 1.0, "clutter_match": 1.0, "blur": 3.0, "noise": 30.0}
     for key, top in limits.items():
         value = photo[key]

@@ -58,6 +58,9 @@ _SPLIT_CODE = {"train": 0, "val": 1}
 #   texture  fine surface texture (fur, fabric, reflections) inside objects;
 #   edge_fade  boundaries whose colour contrast is low or absent in places (a dark dog on a dark floor): the
 #            object's rim blends into what is behind it along stretches of its border;
+#   fade     how the rim blends (optional, default "surface"): "surface" takes what is behind it, pixel for
+#            pixel, so the border vanishes in colour and texture alike; "colour" takes only its local colour
+#            and keeps the object's own texture, as a dark dog's fur still differs from a dark floor;
 #   clutter_match  background clutter in the objects' own colours (a red car on a red-brick street);
 #   blur, noise  optical blur (Gaussian sigma, px at 128 px, scaled with the image) and sensor noise (grey levels).
 _LAYOUT_VERSION = 1  # the scene stream both versions draw from
@@ -527,7 +530,14 @@ def _photo_object(prng: np.random.Generator, win: np.ndarray, behind: np.ndarray
         rim = np.clip(2.0 * (1.0 - inner), 0, 1)                           # 1 at the border, 0 deep inside
         stretch = np.clip(0.2 + 1.5 * _smooth_noise(prng, h, w, 4), 0, 1)  # where along the border it fades
         wgt = (float(photo["edge_fade"]) * rim * stretch)[obj][:, None]
-        win[obj] = win[obj] * (1 - wgt) + behind[obj] * wgt
+        if photo.get("fade", "surface") == "colour":
+            # the rim takes the local colour of what is behind it and keeps its own surface (texture, pattern)
+            sigma = max(1.5, 0.08 * math.sqrt(float(obj.sum())))
+            mask = obj.astype(np.float32)
+            own = _blur(win * mask[..., None], sigma) / np.maximum(_blur(mask, sigma), 1e-3)[..., None]
+            win[obj] = np.clip(win[obj] + wgt * (_blur(behind, sigma) - own)[obj], 0, 255)
+        else:
+            win[obj] = win[obj] * (1 - wgt) + behind[obj] * wgt
 
 
 def _photo_finish(prng: np.random.Generator, img: np.ndarray, photo: dict) -> np.ndarray:
