@@ -176,7 +176,7 @@ def load_spec(path: Path) -> Spec:
         if len(ratio) != 2 or not set(ratio) <= set(metrics):
             raise BenchError(f"{where}: ratio {list(ratio)} must name two of the benchmark's metrics")
     gains = tuple(tuple(g) for g in raw.get("gains") or [])
-    miou = [m for m in metrics if BY_LABEL[m].scale != 1.0]
+    miou = [m for m in metrics if BY_LABEL[m].is_miou]
     for gain in gains:
         if len(gain) != 2 or not set(gain) <= set(miou):
             raise BenchError(f"{where}: gain {list(gain)} must name two of the benchmark's mIoU metrics {miou}")
@@ -190,7 +190,7 @@ def load_spec(path: Path) -> Spec:
 def _goal(raw: Any, where: str, columns: set[str], metrics: tuple[str, ...]) -> Goal:
     forms = ("{pair: [column a, column b], metric: <an mIoU metric>, at_least or at_most: <points>} or "
              "{gain: [mIoU metric a, mIoU metric b], column: <a column>, at_least or at_most: <points>}")
-    miou = {m for m in metrics if BY_LABEL[m].scale != 1.0}
+    miou = {m for m in metrics if BY_LABEL[m].is_miou}
     bounds = [k for k in BOUNDS if isinstance(raw, dict) and k in raw]
     bad = f"{where}: goal {raw!r} must be {forms}; columns {sorted(columns)}, mIoU metrics {sorted(miou)}"
     if not isinstance(raw, dict) or len(bounds) != 1:
@@ -295,7 +295,7 @@ def finished_names(exp_show: list[dict[str, Any]]) -> set[str]:
 
 def missing(spec: Spec, exps: list[Experiment], done: pd.DataFrame) -> list[Experiment]:
     """Experiments not yet recorded with every metric the benchmark reads."""
-    complete = set(done.dropna(subset=[m for m in spec.metrics if BY_LABEL[m].scale != 1.0])["experiment"])
+    complete = set(done.dropna(subset=[m for m in spec.metrics if BY_LABEL[m].is_miou])["experiment"])
     return [e for e in exps if e.name not in complete]
 
 
@@ -432,7 +432,7 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
                      + " |")
     lines += ["", "| metric | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for metric in spec.metrics:
-        digits = 0 if BY_LABEL[metric].scale == 1.0 else 1
+        digits = 1 if BY_LABEL[metric].is_miou else 0
         cells = [_cell(done[done.column == c][metric], digits) for c in cols]
         if any(cells):
             lines.append(f"| {metric} | " + " | ".join(cells) + " |")
@@ -443,7 +443,7 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
     notes = []
     for a, b in spec.pairs:
         for metric in spec.metrics:
-            if BY_LABEL[metric].scale == 1.0:
+            if not BY_LABEL[metric].is_miou:
                 continue
             gain = _paired(done, a, b, metric)
             if len(gain) and np.any(gain != 0):  # exactly equal: the same stage output, restored for both
@@ -478,7 +478,7 @@ def plot(spec: Spec, done: pd.DataFrame, out: Path, footer: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in spec.metrics if BY_LABEL[m].scale != 1.0 and done[m].notna().any()]
+    metrics = [m for m in spec.metrics if BY_LABEL[m].is_miou and done[m].notna().any()]
     cols = list(spec.columns)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(metrics) * max(1, len(cols)) / 2 + 2), 3.8))
     width = 0.8 / max(1, len(cols))

@@ -38,6 +38,11 @@ class Metric:
     alt: tuple[str, ...] | None = None  # keys read where `keys` are absent (a cam run's seeds: no pacam)
     scale: float = 100.0  # stored -> shown: fractions to percent; 1 for seconds
 
+    @property
+    def is_miou(self) -> bool:
+        """An mIoU (stored as a fraction, shown in %), not a time in seconds."""
+        return self.scale != 1.0
+
 
 # Headline numbers of the pipeline, first to last stage (mIoU as stored: fractions).
 METRICS: tuple[Metric, ...] = (
