@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cpal.core.config import ParamsError, load_params
-from cpal.core.runtime import keep_freed_memory, process_cost, setup_logging
+from cpal.core.io import write_json
+from cpal.core.runtime import keep_freed_memory, peak_rss_mib, process_cost, setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -26,6 +27,12 @@ def add_map_argument(p: argparse.ArgumentParser, section: str, choices: tuple[st
     ``choices``: cpal.seeds.store.MAP_KEYS (passed in, so that this module imports no pipeline phase)."""
     p.add_argument("--map", choices=choices, default=None,
                    help=f"the seed map to read (default: {section}.map; AMN's seed files hold only cam)")
+
+
+def write_timing(path: str, timing: dict[str, Any]) -> None:
+    """A stage's timing JSON (a DVC metric), with this process's peak resident memory so far: experiments
+    keep no stage logs, and a benchmark reads what each stage needed from here (cpal.report.experiments)."""
+    write_json(path, {**timing, "peak_rss_mib": peak_rss_mib()})
 
 
 def start(args: argparse.Namespace, name: str,

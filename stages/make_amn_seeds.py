@@ -8,10 +8,9 @@ from pathlib import Path
 
 from cpal.amn.seeds import make_amn_seeds
 from cpal.amn.train import load_amn
-from cpal.core.io import write_json
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
-from stages.common import parser, start
+from stages.common import parser, start, write_timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                             params["seeds"]["batch_size"], device, log, seed=params["run"]["seed"],
                             progress=not args.no_progress)
     timing.update(device=str(device), plugin=meta["plugin"])
-    write_json(args.timing, timing)
+    write_timing(args.timing, timing)
     return 0
 
 

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 from cpal.cls.train import load_trained_model
-from cpal.core.io import write_json
 from cpal.core.training import resolve_device
 from cpal.data.voc import VOCDataset
 from cpal.seeds.make import make_seeds
-from stages.common import parser, start
+from stages.common import parser, start, write_timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_trained_model(Path(args.checkpoint), params, dataset, device)
     timing = make_seeds(model, dataset, Path(args.out), cfg, device, log, progress=not args.no_progress)
     timing["device"] = str(device)
-    write_json(args.timing, timing)
+    write_timing(args.timing, timing)
     return 0
 
 

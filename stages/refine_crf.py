@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.core.io import write_json
 from cpal.crf.refine import refine_with_crf
 from cpal.seeds.refinement import refinement_inputs
 from cpal.seeds.store import MAP_KEYS
-from stages.common import add_map_argument, parser, start
+from stages.common import add_map_argument, parser, start, write_timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset, cfg = refinement_inputs(params, "crf", args.data, args.map)
     timing = refine_with_crf(dataset, Path(args.seeds), Path(args.out), cfg, args.workers, log,
                              progress=not args.no_progress)
-    write_json(args.timing, timing)
+    write_timing(args.timing, timing)
     return 0
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cpal.core.io import write_json
 from cpal.irn.refine import refine_irn
 from cpal.seeds.store import MAP_KEYS
-from stages.common import add_map_argument, parser, start
+from stages.common import add_map_argument, parser, start, write_timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     log, params = start(args, "refine_irn")
     timing = refine_irn(params, Path(args.data), Path(args.seeds), Path(args.irn), Path(args.out), log,
                         progress=not args.no_progress, map_key=args.map)
-    write_json(args.timing, timing)
+    write_timing(args.timing, timing)
     return 0
 
 

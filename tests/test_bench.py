@@ -46,6 +46,18 @@ def test_every_benchmark_file_gives_valid_experiments(path: Path) -> None:
     bench.check_targets(spec, ROOT)
 
 
+def test_every_metric_a_benchmark_can_read_is_a_file_a_dvc_stage_writes() -> None:
+    """A benchmark's row reads what a DVC stage records; a path no stage writes would be an always-empty row."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        written = {Path(out.fs_path).resolve().relative_to(ROOT.resolve()).as_posix()
+                   for stage in repo.index.stages for out in stage.outs}
+    assert sorted({m.path for m in bench.BENCH_METRICS} - written) == []
+    peaks = [m for m in bench.BENCH_METRICS if m.label.startswith("mib_")]
+    assert len(peaks) >= 6 and all(m.keys == ("peak_rss_mib",) and not m.is_miou for m in peaks)
+
+
 def test_experiment_params_are_params_yaml_with_the_column_and_the_seed(tmp_path: Path, default_params: dict) -> None:
     spec = bench.load_spec(_spec(tmp_path, base={"crf": {"bg_threshold": 0.5}}))
     exps = bench.experiments(spec, ROOT / "params.yaml")

@@ -56,6 +56,7 @@ def test_cuda_fields_are_absent_on_the_cpu() -> None:
     assert "cuda_peak_mib" not in process_cost() and "peak_rss_mib=" in process_cost()
     timing = timing_summary([{"seconds": 2.0, "images_per_s": 16.0}], torch.device("cpu"), amp=False)
     assert timing["cuda_peak_mib"] is None and timing["amp"] is False and timing["images_per_s"] == 16.0
+    assert timing["peak_rss_mib"] > 50  # this process holds torch
 
 
 def test_the_gpu_preset_is_what_its_comments_say() -> None:

@@ -392,7 +392,7 @@ def test_refine_writes_one_valid_png_per_id(synthetic: dict[str, Path], tmp_path
         assert label.shape == (38, 42)
         assert set(np.unique(label)) <= {0, *table[f"img_{n}"]} and (label > 0).any()
     t = json.loads(timing.read_text())
-    assert t["images"] == 6 and t["walk_seconds_per_image"] > 0 and t["peak_rss_mb"] > 0
+    assert t["images"] == 6 and t["walk_seconds_per_image"] > 0 and t["peak_rss_mib"] > 0
 
 
 def test_a_killed_refine_publishes_nothing_and_resumes(synthetic: dict[str, Path], tmp_path: Path,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cpal.core.io import atomic_path, write_json
-from cpal.core.runtime import cuda_peak_mib
+from cpal.core.runtime import cuda_peak_mib, peak_rss_mib
 
 
 class CheckpointError(ValueError):
@@ -253,14 +253,15 @@ def open_dvclive(path: str | os.PathLike[str], resume: bool):
 def timing_summary(history: list[dict[str, Any]], device: torch.device, world_size: int = 1,
                    amp: bool = False) -> dict[str, Any]:
     """timing.json of a training stage: per-epoch seconds and images/s (kept out of metrics.json, which
-    is byte-identical across runs with the same seed on CPU), whether AMP ran, and torch's peak CUDA
-    allocation (None on CPU) so a GPU run says how much of the card it needed."""
+    is byte-identical across runs with the same seed on CPU), whether AMP ran, the process's peak resident
+    memory and torch's peak CUDA allocation (None on CPU): what the stage needed of the machine."""
     timing: dict[str, Any] = {
         "device": str(device),
         "amp": bool(amp),
         "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None,
         "images_per_s": float(np.median([h["images_per_s"] for h in history])) if history else None,
         "epoch_seconds": [h["seconds"] for h in history],
+        "peak_rss_mib": peak_rss_mib(),
         "cuda_peak_mib": cuda_peak_mib() if device.type == "cuda" else None,
     }
     if world_size > 1:

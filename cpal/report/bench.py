@@ -57,7 +57,7 @@ from cpal.report.experiments import (
     save_with_footer,
 )
 
-# What a benchmark can tabulate: the pipeline's headline numbers, plus seed-map and time figures (seconds).
+# What a benchmark can tabulate: the pipeline's headline numbers, plus seed-map figures and costs (seconds, MiB).
 BENCH_METRICS: tuple[Metric, ...] = METRICS + (
     Metric("seeds", "results/eval_seeds.json", ("pacam", "miou"), alt=("cam", "miou")),
     Metric("seeds_own_bg", "results/eval_seeds.json", ("pacam_argmax", "miou")),
@@ -65,6 +65,15 @@ BENCH_METRICS: tuple[Metric, ...] = METRICS + (
     Metric("s_make_seeds", "outputs/seeds/timing.json", ("seconds",), scale=1.0),
     Metric("s_refine_crf", "outputs/crf/timing.json", ("wall_seconds",), scale=1.0),
     Metric("s_train_seg", "outputs/seg/timing.json", ("total_seconds",), scale=1.0),
+    # a stage process's peak resident memory, MiB (stages.common.write_timing, cpal.core.training)
+    Metric("mib_train_cls", "outputs/train_cls/timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_make_seeds", "outputs/seeds/timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_refine_crf", "outputs/crf/timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_train_irn", "outputs/irn/timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_refine_irn", "outputs/irn/refine_timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_train_amn", "outputs/amn/timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_make_amn_seeds", "outputs/amn/seed_timing.json", ("peak_rss_mib",), scale=1.0),
+    Metric("mib_train_seg", "outputs/seg/timing.json", ("peak_rss_mib",), scale=1.0),
 )
 BY_LABEL = {m.label: m for m in BENCH_METRICS}
 SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "gains", "ratios",
@@ -421,7 +430,8 @@ def to_markdown(spec: Spec, done: pd.DataFrame, machine: str, commit: str) -> st
         "column: " + ", ".join(f"{c} {seeds[c]}" for c in cols) + ".",
         f"Run: `cpal-bench run {spec.path.as_posix()}` (DVC experiments `{spec.name}-<column>-s<seed>`; "
         f"what is recorded is not run again). Table alone: `cpal-bench table {spec.path.as_posix()}`.",
-        "mIoU in %, mean ± std over the seeds (one value: one seed); rows starting `s_` are seconds. A cell is "
+        "mIoU in %, mean ± std over the seeds (one value: one seed); rows starting `s_` are seconds, `mib_` a "
+        "stage's peak resident memory in MiB. A cell is "
         "empty where no experiment of that column recorded the metric fresh (its dvc.lock up to date).",
         ""]
     if spec.base:

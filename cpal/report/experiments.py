@@ -36,11 +36,11 @@ class Metric:
     path: str
     keys: tuple[str, ...]
     alt: tuple[str, ...] | None = None  # keys read where `keys` are absent (a cam run's seeds: no pacam)
-    scale: float = 100.0  # stored -> shown: fractions to percent; 1 for seconds
+    scale: float = 100.0  # stored -> shown: fractions to percent; 1 for seconds and MiB
 
     @property
     def is_miou(self) -> bool:
-        """An mIoU (stored as a fraction, shown in %), not a time in seconds."""
+        """An mIoU (stored as a fraction, shown in %), not a cost (seconds, MiB)."""
         return self.scale != 1.0
 
 
