@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cpal.core.config import check_embedded_version
+from cpal.core.config import PHOTO_OPTIONAL, check_embedded_version
 from cpal.core.io import JsonMapWriter, save_jpeg, save_label_png, write_json, write_text
 from cpal.core.runtime import process_pool_context
 
@@ -530,7 +530,7 @@ def _photo_object(prng: np.random.Generator, win: np.ndarray, behind: np.ndarray
         rim = np.clip(2.0 * (1.0 - inner), 0, 1)                           # 1 at the border, 0 deep inside
         stretch = np.clip(0.2 + 1.5 * _smooth_noise(prng, h, w, 4), 0, 1)  # where along the border it fades
         wgt = (float(photo["edge_fade"]) * rim * stretch)[obj][:, None]
-        if photo.get("fade", "surface") == "colour":
+        if photo.get("fade", PHOTO_OPTIONAL["fade"][0]) == "colour":
             # the rim takes the local colour of what is behind it and keeps its own surface (texture, pattern)
             sigma = max(1.5, 0.08 * math.sqrt(float(obj.sum())))
             mask = obj.astype(np.float32)

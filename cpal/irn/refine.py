@@ -140,7 +140,6 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
         "boundary_seconds_per_image": float(np.mean(times["boundary"])) if todo else None,
         "walk_seconds_per_image": float(np.mean(times["walk"])) if todo else None,
         "walk_seconds_max": float(np.max(times["walk"])) if todo else None,
-        "peak_rss_mib": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "walk": cfg["walk"],
         "boundaries": cfg["boundaries"],  # ground_truth: an oracle's masks
@@ -150,5 +149,5 @@ def refine_irn(params: dict[str, Any], data_dir: Path, seed_dir: Path, irn_path:
     if device.type == "cuda":
         timing["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     log.info("refine_irn: %d images in %.1f s (walk %.3f s/image), peak RSS %.0f MB", len(todo), seconds,
-             timing["walk_seconds_per_image"] or 0.0, timing["peak_rss_mib"])
+             timing["walk_seconds_per_image"] or 0.0, peak_rss_mib())
     return timing

@@ -57,24 +57,24 @@ from cpal.report.experiments import (
     save_with_footer,
 )
 
-# What a benchmark can tabulate: the pipeline's headline numbers, plus seed-map figures and costs (seconds, MiB).
+# The timing file of each stage that writes one (a DVC metric): its seconds and, as `peak_rss_mib`, its peak
+# resident memory (stages.common.write_timing; cpal.core.training.timing_summary for the training stages).
+TIMING_FILES = {
+    "train_cls": "outputs/train_cls/timing.json", "make_seeds": "outputs/seeds/timing.json",
+    "refine_crf": "outputs/crf/timing.json", "train_irn": "outputs/irn/timing.json",
+    "refine_irn": "outputs/irn/refine_timing.json", "train_amn": "outputs/amn/timing.json",
+    "make_amn_seeds": "outputs/amn/seed_timing.json", "train_seg": "outputs/seg/timing.json",
+}
+# What a benchmark can tabulate: the pipeline's headline numbers, plus seed-map figures and costs (`s_` seconds,
+# `mib_` peak resident memory in MiB).
 BENCH_METRICS: tuple[Metric, ...] = METRICS + (
     Metric("seeds", "results/eval_seeds.json", ("pacam", "miou"), alt=("cam", "miou")),
     Metric("seeds_own_bg", "results/eval_seeds.json", ("pacam_argmax", "miou")),
-    Metric("s_train_cls_epoch", "outputs/train_cls/timing.json", ("seconds_per_epoch",), scale=1.0),
-    Metric("s_make_seeds", "outputs/seeds/timing.json", ("seconds",), scale=1.0),
-    Metric("s_refine_crf", "outputs/crf/timing.json", ("wall_seconds",), scale=1.0),
-    Metric("s_train_seg", "outputs/seg/timing.json", ("total_seconds",), scale=1.0),
-    # a stage process's peak resident memory, MiB (stages.common.write_timing, cpal.core.training)
-    Metric("mib_train_cls", "outputs/train_cls/timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_make_seeds", "outputs/seeds/timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_refine_crf", "outputs/crf/timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_train_irn", "outputs/irn/timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_refine_irn", "outputs/irn/refine_timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_train_amn", "outputs/amn/timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_make_amn_seeds", "outputs/amn/seed_timing.json", ("peak_rss_mib",), scale=1.0),
-    Metric("mib_train_seg", "outputs/seg/timing.json", ("peak_rss_mib",), scale=1.0),
-)
+    Metric("s_train_cls_epoch", TIMING_FILES["train_cls"], ("seconds_per_epoch",), scale=1.0),
+    Metric("s_make_seeds", TIMING_FILES["make_seeds"], ("seconds",), scale=1.0),
+    Metric("s_refine_crf", TIMING_FILES["refine_crf"], ("wall_seconds",), scale=1.0),
+    Metric("s_train_seg", TIMING_FILES["train_seg"], ("total_seconds",), scale=1.0),
+) + tuple(Metric(f"mib_{stage}", path, ("peak_rss_mib",), scale=1.0) for stage, path in TIMING_FILES.items())
 BY_LABEL = {m.label: m for m in BENCH_METRICS}
 SPEC_KEYS = {"title", "about", "out", "seeds", "targets", "base", "columns", "metrics", "pairs", "gains", "ratios",
              "goals"}
