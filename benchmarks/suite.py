@@ -1,8 +1,7 @@
 """Performance suite: results/benchmarks.md (and .json), every figure measured side by side in one run.
 
-Not a test. Runs the embedded default end to end with the checkout's Snakefile in an empty folder holding only
-params.yaml (cpal.report.bench.snakemake_in) `--e2e-runs` times, then measures the parts on that run's artifacts, each
-`--repeats` times (medians quoted):
+Not a test. Measures the parts of a finished run of the pipeline (`--artifacts`: a folder where `bash run.sh` or
+`dvc repro` ran; default this checkout), each `--repeats` times (medians quoted):
 
 - train_cls images/s (the real training loop, one epoch per repeat) and its FLOP/s (FLOPs of one
   training step counted by torch's FlopCounterMode, x images/s) against a dense float32
@@ -10,11 +9,12 @@ params.yaml (cpal.report.bench.snakemake_in) `--e2e-runs` times, then measures t
 - make_seeds images/s, batched (the stage) against a naive per-image, per-scale, per-flip loop, with
   the largest difference between their maps;
 - CRF images/s with 1 and 2 workers; IRN random walk seconds per image; evaluation throughput;
-- per stage: wall time (process start to exit, imports included) and peak RSS, from the stage logs;
-- orchestration overhead: the Snakemake wall time not covered by any stage process.
+- per stage of that run: wall time (process start to exit, imports included) and peak RSS, from its stage logs.
 
-    python benchmarks/suite.py                      # about 45 min on 2 CPU cores
-    python benchmarks/suite.py --e2e-runs 1 --repeats 3 --work /tmp/cpal-bench
+Whole runs are timed as DVC experiments instead (`s_` and `mib_` rows of cpal-bench, docs/results.md).
+
+    bash run.sh && python benchmarks/suite.py       # the parts: about 25 min on 2 CPU cores
+    python benchmarks/suite.py --artifacts /tmp/fresh --repeats 3 --before results/benchmarks.json
 """
 
 from __future__ import annotations
@@ -37,14 +37,10 @@ from cpal.backbone import for_inference
 from cpal.core.io import write_json, write_text
 from cpal.core.runtime import keep_freed_memory, machine_description
 from cpal.core.training import channels_last
-from cpal.report.bench import optimizer_step, snakemake_in, stage_costs, timed
+from cpal.report.bench import optimizer_step, stage_costs, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("benchmarks")
-
-
-# ---------------------------------------------------------------------------------------------------
-# End to end
 
 
 def covered_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -61,18 +57,6 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
         total += current_end - current_start
     return total
 
-
-def run_e2e(ws: Path, params: dict[str, Any], cores: int) -> dict[str, Any]:
-    """The whole default run, from an empty folder, by the checkout's Snakefile (`snakemake all`)."""
-    t0 = time.time()
-    snakemake_in(ws, params, ["all"], cores)
-    t1 = time.time()
-    costs = stage_costs(ws / "outputs" / "logs")
-    covered = covered_seconds([(c["start"], c["end"]) for c in costs.values()])
-    stage_sum = sum(c["wall_s"] for c in costs.values())
-    return {"wall_s": t1 - t0, "stages": costs, "stage_sum_s": stage_sum, "covered_s": covered,
-            "overhead_s": (t1 - t0) - covered, "overhead_fraction": ((t1 - t0) - covered) / (t1 - t0),
-            "wall_over_stage_sum": (t1 - t0) / stage_sum if stage_sum else None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,9 +404,7 @@ def med(values: list[float]) -> float:
 
 def goals_of(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(goal, measured, target, met) of one result (this run's, or an earlier --before one)."""
-    e2e, parts = r["e2e"], r["parts"]
-    walls = [run["wall_s"] for run in e2e]
-    overhead = [run["overhead_fraction"] for run in e2e]
+    parts = r["parts"]
     seeds, steps = parts["seeds"], parts["steps"]
     method = steps["method"]
     goals = [
@@ -435,13 +417,7 @@ def goals_of(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         ("train_cls: bare backbone forward+backward / plain-CAM step", f"{steps['bare_over_cam']:.2f}", ">= 0.85",
          steps["bare_over_cam"] >= 0.85),
     ]
-    if e2e:
-        goals += [
-            ("whole embedded default from an empty workspace", f"{med(walls):.0f} s", "<= 360 s (ceiling 600)",
-             med(walls) <= 360),
-            ("orchestration overhead", f"{100 * med(overhead):.1f}%", "<= 5%", med(overhead) <= 0.05),
-        ]
-    elif r.get("artifact_stages"):
+    if r.get("artifact_stages"):
         wall = covered_seconds([(c["start"], c["end"]) for c in r["artifact_stages"].values()])
         goals.append(("whole embedded default (the artifacts' own run: time its stages cover)", f"{wall:.0f} s",
                       "<= 360 s (ceiling 600)", wall <= 360))
@@ -449,17 +425,14 @@ def goals_of(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    e2e, parts = r["e2e"], r["parts"]
-    walls = [run["wall_s"] for run in e2e]
-    overhead = [run["overhead_fraction"] for run in e2e]
+    parts = r["parts"]
     train, mm = parts["train"], parts["matmul"]
     seeds, crf, walk, ev, steps = parts["seeds"], parts["crf"], parts["walk"], parts["eval"], parts["steps"]
     method = steps["method"]
     goals = goals_of(r)
     before = r.get("before")
     earlier = {g: m for g, m, _, _ in goals_of(before)} if before else {}
-    source = (f"parts measured on the artifacts of `{r['artifacts']}`, no end-to-end run" if r.get("artifacts")
-              else f"{len(e2e)} end-to-end run(s)")
+    source = f"parts measured on the artifacts of `{r['artifacts']}`"
     lines = [
         "# Performance benchmarks", "",
         f"Machine: {r['machine']}. torch threads: {r['torch_threads']}.",
@@ -505,11 +478,6 @@ def markdown(r: dict[str, Any]) -> str:
          [ev["images"] / t for t in ev["seed_eval_s"]], ".1f", 1),
         ("pseudo-mask evaluation images/s", [ev["images"] / t for t in ev["mask_eval_s"]], ".1f", 1),
     ]
-    if e2e:
-        rows += [
-            (f"end-to-end `snakemake --cores {r['cores']}` from an empty workspace, s", walls, ".0f", 1),
-            ("orchestration overhead, % (wall time no stage process covers)", overhead, ".1f", 100),
-        ]
     for what, values, spec, scale in rows:
         samples = ", ".join(format(v * scale, spec) for v in values) if len(values) > 1 else ""
         lines.append(f"| {what} | {format(med(values) * scale, spec)} | {samples} |")
@@ -537,62 +505,26 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} |")
         lines += [f"| time covered by at least one stage | "
                   f"{covered_seconds([(c['start'], c['end']) for c in costs.values()]):.1f} | |", ""]
-    if e2e:
-        lines += [
-            "", "## Stages (last end-to-end run)", "",
-            "Wall time from process start to exit (interpreter start and imports included); peak RSS of the"
-            " stage process (CRF pool workers not included).", "",
-            "| stage | wall s | peak RSS MiB |", "|---|---|---|",
-        ]
-        last = e2e[-1]
-        for name, c in sorted(last["stages"].items(), key=lambda kv: kv[1]["start"]):
-            lines.append(f"| {name} | {c['wall_s']:.1f} | {c['peak_rss_mib']:.0f} |")
-        lines += [
-            f"| sum of stages | {last['stage_sum_s']:.1f} | |",
-            f"| time covered by at least one stage | {last['covered_s']:.1f} | |",
-            f"| snakemake wall time | {last['wall_s']:.1f} | |", "",
-        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, default=ROOT,
+                    help="a folder where the pipeline ran (its params.yaml, data and outputs; default: here)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cpal-bench"), help="scratch folder")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks.md")
-    ap.add_argument("--e2e-runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed-images", type=int, default=96, help="images for the batched vs naive seed timing")
     ap.add_argument("--walk-images", type=int, default=100)
-    ap.add_argument("--reuse-e2e", action="store_true",
-                    help="keep the end-to-end runs (and workspace) of the last --out JSON; measure the parts again")
-    ap.add_argument("--artifacts", type=Path, default=None,
-                    help="measure the parts on this workspace's outputs (a finished pipeline run); no end-to-end run")
     ap.add_argument("--before", type=Path, default=None,
                     help="an earlier benchmarks.json: its goals and hotspots are shown beside this run's")
-    ap.add_argument("--params-override", type=Path, default=None,
-                    help="a params file to run instead of params.yaml (e.g. configs/tiny.yaml to try the suite)")
     args = ap.parse_args(argv)
     before = json.loads(args.before.read_text()) if args.before else None  # read before --out overwrites it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from cpal.core.config import load_params
 
-    if args.artifacts:
-        ws, e2e = args.artifacts, []
-        args.e2e_runs = 0
-    elif args.reuse_e2e:
-        ws = args.work / "ws"
-        e2e = json.loads(args.out.with_suffix(".json").read_text())["e2e"]
-        args.e2e_runs = 0
-    else:
-        ws = args.work / "ws"
-        e2e = []
-    run_params = load_params(args.params_override or ROOT / "params.yaml")
-    for run in range(args.e2e_runs):
-        shutil.rmtree(ws, ignore_errors=True)  # from an empty folder, as a fresh clone's first run
-        e2e.append(run_e2e(ws, run_params, args.cores))
-        LOG.info("end-to-end run %d: %.0f s, overhead %.1f%%", run + 1, e2e[-1]["wall_s"],
-                 100 * e2e[-1]["overhead_fraction"])
+    ws = args.artifacts
     params = load_params(ws / "params.yaml")
     data_dir = ws / params["data"]["dir"]
     keep_freed_memory()  # as every stage does (stages/common.py), so the parts are timed as they run
@@ -614,11 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": machine_description(), "torch_threads": torch.get_num_threads(),
         "command": "python benchmarks/suite.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "artifacts": str(args.artifacts) if args.artifacts else None,
-        "repeats": args.repeats, "cores": args.cores,
-        "params": {k: params[k] for k in ("train_cls", "seeds")}, "e2e": e2e, "parts": parts,
-        "artifact_stages": stage_costs(ws / "outputs" / "logs") if args.artifacts else None,
-        "before": {k: before[k] for k in ("command", "date", "e2e", "parts", "artifact_stages") if k in before}
+        "date": time.strftime("%Y-%m-%d %H:%M"), "artifacts": str(ws),
+        "repeats": args.repeats, "params": {k: params[k] for k in ("train_cls", "seeds")}, "parts": parts,
+        "artifact_stages": stage_costs(ws / "outputs" / "logs"),
+        "before": {k: before[k] for k in ("command", "date", "parts", "artifact_stages") if k in before}
         if before else None,
     }
     write_json(args.out.with_suffix(".json"), result)

@@ -17,7 +17,6 @@ from cpal.report import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "benchmarks").glob("*.yaml"))
-BENCH_SPECS = [p for p in SPECS if p.name != "testbed.yaml"]  # testbed.yaml is benchmarks/testbed.py's regimes
 
 
 def _spec(tmp_path: Path, name: str = "mini", **changes) -> Path:
@@ -31,7 +30,7 @@ def _spec(tmp_path: Path, name: str = "mini", **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", BENCH_SPECS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
 def test_every_benchmark_file_gives_valid_experiments(path: Path) -> None:
     """Each committed benchmark: its columns are valid pipeline settings (the schema, and AMN's rule that
     amn.plugin matches the classifier that made its IR labels), its targets are DVC stages."""
@@ -105,6 +104,15 @@ def test_a_malformed_benchmark_file_is_refused_naming_the_key(tmp_path: Path, ch
     with pytest.raises(bench.BenchError) as error:
         bench.load_spec(_spec(tmp_path, **changes))
     assert message in str(error.value)
+
+
+def test_x_keys_hold_shared_anchors_and_are_not_read(tmp_path: Path) -> None:
+    """`x-...` keys are for YAML anchors several columns share (benchmarks/testbed.yaml); a typo elsewhere is
+    still refused."""
+    spec = bench.load_spec(_spec(tmp_path, **{"x-photo": {"noise": 5}}))
+    assert set(spec.columns) == {"cam", "noflip"}
+    with pytest.raises(bench.BenchError, match="unknown keys \\['xphoto'\\]"):
+        bench.load_spec(_spec(tmp_path, xphoto={"noise": 5}))
 
 
 def test_an_unknown_target_is_refused_naming_the_stages(tmp_path: Path) -> None:
@@ -248,19 +256,6 @@ def test_a_benchmark_runs_as_dvc_experiments_and_resumes(tmp_path: Path) -> None
     again = cpal_bench("run", "benchmarks/mini.yaml")
     assert "2 recorded, 0 to run" in again and "Running stage" not in again
     assert (ws / "params.yaml").read_text() == before and not (ws / "outputs").exists()
-
-
-def test_snakemake_in_runs_the_checkouts_snakefile_in_a_params_only_folder(tmp_path: Path, tiny_params: dict) -> None:
-    """What testbed.py and suite.py run on: the folder holds params.yaml and what the run writes, no code; a
-    second call with the target there runs nothing."""
-    folder = tmp_path / "run"
-    target = tiny_params["data"]["dir"]
-    assert bench.snakemake_in(folder, tiny_params, [target], cores=1) > 0
-    assert (folder / target / "dataset.json").is_file()
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["data", "outputs", "params.yaml",
-                                                                                    "snakemake.log"]
-    bench.snakemake_in(folder, tiny_params, [target], cores=1)
-    assert (folder / "snakemake.log").read_text().count("Nothing to be done") == 1
 
 
 def test_a_mapping_over_a_null_setting_is_set_whole(tmp_path: Path) -> None:

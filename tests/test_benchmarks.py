@@ -97,7 +97,7 @@ def test_report_puts_the_earlier_run_beside_this_one(suite, tmp_path: Path) -> N
     earlier["parts"]["seeds"]["speedup"] = 0.5
     earlier["parts"]["hotspots"] = {"make_seeds (one batch)": [{"op": "aten::earlier_op", "self_ms": 1.0,
                                                                  "share": 0.5, "calls": 2}]}
-    now["before"] = {k: earlier[k] for k in ("command", "date", "e2e", "parts")}
+    now["before"] = {k: earlier[k] for k in ("command", "date", "parts")}
     md = suite.markdown(now)
     row = next(line for line in md.splitlines() if line.startswith("| make_seeds batched vs naive loop"))
     assert row.split(" | ")[1].startswith("0.50x") and row.split(" | ")[2].startswith(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cpal.cls.train import load_trained_model, train_classifier
 from cpal.core.training import CheckpointError, load_checkpoint, poly_lambda
@@ -173,3 +174,32 @@ def test_seeds_amp_is_ignored_on_the_cpu(tiny_params: dict, tiny_data: Path, tra
     for image_id in ds.ids:
         off, on = seed_path(tmp_path / "False", image_id), seed_path(tmp_path / "True", image_id)
         assert off.read_bytes() == on.read_bytes()
+
+
+def test_context_analysis_reads_the_bank_of_a_cpal_model(tiny_params: dict, tiny_data: Path, trained: Path,
+                                                        tmp_path: Path) -> None:
+    """python -m cpal.cls.context_analysis: cosines in [-1, 1] for the classes the bank holds, the nearest entry
+    at least as close as the top-K mean, and a table naming the model; a model without a bank is refused."""
+    from cpal.cls import context_analysis
+
+    ds = VOCDataset(tiny_data, tiny_params["seeds"]["split"])
+    model = load_trained_model(trained, tiny_params, ds, torch.device("cpu"))
+    stats = context_analysis.analyse(model, ds, ds.ids)
+    assert stats and set(stats) <= set(ds.classes[1:])
+    for figures in stats.values():
+        for name in ("nearest", "top_k", "own_bank", "instance_vs_context"):
+            assert all(-1.0 - 1e-5 <= v <= 1.0 + 1e-5 for v in figures.get(name, []))
+        assert all(n >= k - 1e-6 for n, k in zip(figures.get("nearest", []), figures.get("top_k", []), strict=True))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "context.md"
+    assert context_analysis.main(["--params", str(params_file), "--data", str(tiny_data), "--model", str(trained),
+                                  "--images", "4", "--out", str(out)]) == 0
+    assert "| class | instances |" in out.read_text() and str(trained) in out.read_text()
+    cam = copy.deepcopy(tiny_params)
+    cam["params"]["method"] = "cam"
+    train_classifier(_params(cam, epochs=1), tiny_data, tmp_path / "cam", LOG, progress=False)
+    params_file.write_text(yaml.safe_dump(cam))
+    with pytest.raises(SystemExit, match="needs a cpal model"):
+        context_analysis.main(["--params", str(params_file), "--data", str(tiny_data), "--model",
+                               str(tmp_path / "cam" / "model.pt"), "--out", str(out)])

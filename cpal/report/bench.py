@@ -20,14 +20,13 @@ and optionally `pairs` ([column a, column b]: a - b paired by seed), `gains` ([m
 each column, paired by seed: what a step of the chain adds), `ratios` ([metric a, metric b]) and `goals`: {pair:
 [column a, column b], metric: m, at_least: x} (the paired gain a - b on m) or {gain: [metric a, metric b], column:
 c, at_most: x} (the step a - b in column c), each met when its mean over the seeds is >= x (at_least) or <= x
-(at_most).
+(at_most). Top-level keys starting `x-` only hold YAML anchors the columns share.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -151,7 +150,9 @@ def load_spec(path: Path) -> Spec:
     where = path.as_posix()
     if not isinstance(raw, dict):
         raise BenchError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
-    unknown, missing = set(raw) - SPEC_KEYS, REQUIRED - set(raw)
+    # keys starting `x-` only hold YAML anchors the columns share (as in Compose files); nothing reads them
+    unknown = {k for k in raw if not str(k).startswith("x-")} - SPEC_KEYS
+    missing = REQUIRED - set(raw)
     if unknown or missing:
         raise BenchError(f"{where}: " + "; ".join(
             ([f"unknown keys {sorted(unknown)}"] if unknown else []) + ([f"missing keys {sorted(missing)}"]
@@ -328,30 +329,6 @@ def run_experiment(exp: Experiment, spec: Spec, repo: Path, existing: set[str]) 
     code = subprocess.run([*cmd, *spec.targets], cwd=repo).returncode
     if code != 0:
         raise SystemExit(f"[cpal-bench] {exp.name} failed (dvc exit {code}); rerun the same command to resume")
-
-
-def snakemake_in(folder: Path, params: dict[str, Any], targets: list[str], cores: int = 2,
-                 extra: dict[str, Any] | None = None, quiet: bool = True) -> float:
-    """Run this checkout's Snakefile with `folder` as its working directory, which holds only `params` as its
-    params.yaml (and `extra` merged over it as a --configfile); the code stays where it is. For what DVC's
-    experiments cannot express: a study that reads files a run leaves (logs, maps), or times a whole run.
-    Output goes to folder/snakemake.log; returns the wall seconds. A finished target is not run again."""
-    root = Path(__file__).resolve().parents[2]
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "params.yaml").is_file() or load_params(folder / "params.yaml") != params:
-        write_text(folder / "params.yaml", yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "snakemake", *targets, "-s", str(root / "Snakefile"), "-d", str(folder),
-           "--cores", str(cores), *(["--quiet", "progress"] if quiet else [])]
-    if extra:
-        write_text(folder / "extra.yaml", yaml.safe_dump(extra, sort_keys=False))
-        cmd += ["--configfile", "params.yaml", "extra.yaml"]  # last: it takes every following word
-    t0 = time.perf_counter()
-    with open(folder / "snakemake.log", "a") as log:
-        code = subprocess.run(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"Snakemake failed in {folder} (exit {code}): see {folder / 'snakemake.log'}")
-    return time.perf_counter() - t0
 
 
 FINISHED = re.compile(r"finished start=([\d.]+) end=([\d.]+) wall_s=([\d.]+) peak_rss_mib=(\d+)"

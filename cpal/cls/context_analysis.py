@@ -1,13 +1,12 @@
 """Why the context part adds little: what a trained CPAL model's support bank holds and retrieves.
 
-Not a test. For the instance prototypes of training images (one scale, no flip, seed-time retrieval:
-no alignment shift), per foreground class: cosine of the instance prototype to its nearest bank entry,
-to the mean of its top-K, to its own class's bank and to the most similar other class's bank; the
-cosine between the instance and the context prototype P^C it retrieves; how far the PACAM prototype
-moves, ||P - P^I|| / ||P^I||; and how diverse each bank is (mean pairwise cosine). Writes a markdown
-table (default results/context_analysis.md).
+For the instance prototypes of training images (one scale, no flip, seed-time retrieval: no alignment shift),
+per foreground class: cosine of the instance prototype to its nearest bank entry, to the mean of its top-K,
+to its own class's bank and to the most similar other class's bank; the cosine between the instance and the
+context prototype P^C it retrieves; how far the PACAM prototype moves, ||P - P^I|| / ||P^I||; and how diverse
+each bank is (mean pairwise cosine). Writes a markdown table (default results/context_analysis.md).
 
-    python benchmarks/context_analysis.py --model outputs/train_cls/model.pt --images 200
+    python -m cpal.cls.context_analysis --model outputs/train_cls/model.pt --images 200
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from cpal.plugin import (
 
 @torch.no_grad()
 def analyse(model: torch.nn.Module, dataset: VOCDataset, ids: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per class name: the figures of the module's docstring, one value per instance (bank_pairwise per bank)."""
     cfg = model.cfg
     stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     banks = {n: F.normalize(model.bank.get(n).float(), dim=1) for n in range(model.num_classes)
@@ -81,7 +81,8 @@ def analyse(model: torch.nn.Module, dataset: VOCDataset, ids: list[str]) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m cpal.cls.context_analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--data", default="data/embedded")
     p.add_argument("--model", required=True, help="a train_cls checkpoint of method cpal")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         f"scale, retrieval as at seed time (no alignment shift). K {model.cfg.K}, bank size "
         f"{model.cfg.bank_size}, metric {model.cfg.metric}, context weight {model.cfg.context_weight}.",
         "",
-        "Reproduce: `python benchmarks/context_analysis.py "
+        "Reproduce: `python -m cpal.cls.context_analysis "
         + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "`",
         "",
         "Cosines of an image's instance prototype P^I: to its nearest bank entry, to the top-K it retrieves",
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for c in cols:
             v = np.array(s.get(c, []), dtype=float)
-            text = f"{v.mean():.3f}" if v.size == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
-            cells.append("–" if v.size == 0 else text)
+            spread = f" ± {v.std():.3f}" if v.size > 1 else ""
+            cells.append(f"{v.mean():.3f}{spread}" if v.size else "–")
         lines.append(f"| {name} | {len(s.get('nearest', []))} | " + " | ".join(cells) + " |")
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
