@@ -60,7 +60,7 @@ def sections(*names, **keys):
 
 # The irn keys each IRN stage reads (cpal.irn.labels.LABEL_KEYS, cpal.irn.train.TRAIN_KEYS, cpal.irn.refine.REFINE_KEYS;
 # tests/test_engines.py holds them equal to hosts/dvc.yaml's): a change to the walk does not retrain IRN.
-IRN_LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf")
+IRN_LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf", "labels")
 IRN_TRAIN_KEYS = ("backbone_from", "radius", "crop", "batch_size", "epochs", "lr", "momentum", "weight_decay",
                   "poly_power", "amp")
 IRN_REFINE_KEYS = ("map", "walk_radius", "beta", "exp_times", "sem_seg_bg_thres", "power", "flip", "walk", "boundaries")

@@ -39,7 +39,7 @@ def _params(**irn: object) -> dict:
         "backbone_from": "classifier", "radius": 4, "crop": 32, "batch_size": 2, "epochs": 2, "lr": 0.1,
         "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9, "amp": True, "walk_radius": 3, "beta": 10.0,
         "exp_times": 4, "sem_seg_bg_thres": 0.25, "power": 1.0, "flip": True, "walk": "sparse",
-        "boundaries": "network",
+        "boundaries": "network", "labels": "seeds",
     }
     cfg.update(irn)
     return {"irn": cfg, "params": {"method": "cam"}, "seeds": {"split": "train"},

@@ -1,5 +1,6 @@
-"""IRN's walk over ground-truth class edges (irn.boundaries: ground_truth), the oracle that tells the boundary
-network's share of IRN's masks from the seeds' and the walk's."""
+"""IRN's oracles: the walk over ground-truth class edges (irn.boundaries: ground_truth), which tells the boundary
+network's share of IRN's masks from the seeds' and the walk's, and the boundary branch trained on the pixel labels
+(irn.labels: ground_truth), which tells the relation labels' share of the network's errors from its own."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def test_the_oracle_without_pixel_labels_is_refused(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(VOCDataset, "has_masks", lambda self: False)
     with pytest.raises(DatasetError, match="irn.boundaries: ground_truth needs pixel labels"):
         _stage(tmp_path, monkeypatch, "ground_truth")
+
+
+def test_relation_labels_from_the_pixel_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """irn.labels: ground_truth writes each image's mask (255 band and all) without reading a seed score; the
+    setting is part of the folder's key, so switching it relabels; without pixel labels it is refused."""
+    from test_irn import _params
+
+    from cpal.irn import labels as irn_labels
+
+    data, seeds = tmp_path / "data", tmp_path / "seeds"
+    truth = rectangles_dataset(data, "labels-oracle", (38, 42))
+    for image_id, (mask, present) in truth.items():  # seeds that miss every object: the oracle ignores them
+        save_seeds(seed_path(seeds, image_id), np.array(present), mask.shape,
+                   {"cam": np.zeros((len(present), *mask.shape), np.float32)})
+    dataset = VOCDataset(data, "train")
+    out = tmp_path / "ir"
+    stats = irn_labels.make_ir_labels(dataset, seeds, out, _params(labels="ground_truth")["irn"], 2, LOG,
+                                      progress=False)
+    assert stats["labels"] == "ground_truth" and stats["images"] == len(dataset.ids)
+    for image_id in dataset.ids:
+        assert np.array_equal(load_label_png(out / f"{image_id}.png"), dataset.mask(image_id))
+    irn_labels.make_ir_labels(dataset, seeds, out, _params()["irn"], 0, LOG, progress=False)
+    assert all((load_label_png(out / f"{i}.png") != dataset.mask(i)).any() for i in dataset.ids)  # relabelled
+    monkeypatch.setattr(VOCDataset, "has_masks", lambda self: False)
+    with pytest.raises(DatasetError, match="irn.labels: ground_truth needs pixel labels"):
+        irn_labels.make_ir_labels(dataset, seeds, tmp_path / "ir2", _params(labels="ground_truth")["irn"], 0, LOG,
+                                  progress=False)

@@ -7,6 +7,11 @@ background). Each goes through the dense CRF with unary from labels. IRN's combi
 a pixel takes the foreground class of the high-plane map; it is background where both maps say
 background; everything else (background in the high-plane map, foreground in the low-plane map) is
 255, the uncertain zone the relation labels ignore.
+
+``irn.labels: ground_truth`` writes the pixel labels instead (their void band along object borders, 255, as the
+unsure zone): an oracle for analysis. A boundary branch trained on them shows how much of its map's error is
+the labels' and how much the network's; what it refines reads ground truth, so it is never a weakly supervised
+result.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from cpal.core.io import save_label_png
-from cpal.data.voc import VOCDataset
+from cpal.data.voc import DatasetError, VOCDataset
 from cpal.irn.thresholds import resolve_planes
 from cpal.seeds.refinement import resumable_maps
 from cpal.seeds.store import MAP_KEYS, SeedError, check_complete, load_seeds, seed_path
 
 IGNORE = 255
-LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf")  # the irn keys this stage reads (dvc.yaml too)
+# the irn keys this stage reads (dvc.yaml too)
+LABEL_KEYS = ("map", "fg_threshold", "bg_threshold", "label_crf", "labels")
 CRF_KEYS = ("iterations", "gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
 
 
@@ -96,7 +102,16 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     stops the stage with an error; nothing is published).
     """
     check_complete(seed_dir, dataset.ids)
-    cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
+    oracle = cfg["labels"] == "ground_truth"
+    if oracle:
+        if not dataset.has_masks():
+            raise DatasetError(f"irn.labels: ground_truth needs pixel labels, and split {dataset.split!r} of "
+                               f"{dataset.root} has none; use irn.labels: seeds")
+        log.warning("irn.labels: ground_truth: the boundary branch will train on the pixel labels (an oracle for "
+                    "analysis; what it refines is not weakly supervised)")
+        workers, derived = 0, {}
+    else:
+        cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
     if derived:
         log.info("IRN planes from the seeds' own score histogram (Otsu, no ground truth): %s", derived)
     counts = np.zeros(3, dtype=np.int64)  # foreground, background, ignore pixels
@@ -118,7 +133,7 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
 
         if workers <= 0:
             for image_id in todo:
-                store(image_id, _label_task(*load(image_id), cfg))
+                store(image_id, dataset.mask(image_id) if oracle else _label_task(*load(image_id), cfg))
         else:
             _label_in_pool(todo, load, store, cfg, workers, out_dir, partial)
     seconds = time.perf_counter() - t0
@@ -126,7 +141,7 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
     stats = {"images": len(dataset.ids), "labelled_now": len(todo), "seconds": seconds,
              "fraction_foreground": counts[0] / total, "fraction_background": counts[1] / total,
              "fraction_ignore": counts[2] / total, "fg_threshold": cfg["fg_threshold"],
-             "bg_threshold": cfg["bg_threshold"], "derived": derived}
+             "bg_threshold": cfg["bg_threshold"], "derived": derived, "labels": cfg["labels"]}
     log.info("ir_labels: %d images in %.1f s (pixels labelled now: %.3f foreground, %.3f background, "
              "%.3f ignore)", len(todo), seconds, *(counts / total))
     return stats
