@@ -66,3 +66,33 @@ def test_a_run_on_a_checkpoint_reports_every_region(tmp_path: Path) -> None:
     for mask in (tmp_path / "data" / "SegmentationClass").glob("*.png"):
         mask.unlink()
     assert bq.main(["--irn", str(ckpt), "--data", str(tmp_path / "data")]) == 2
+
+
+def test_relation_labels_are_scored_against_the_pixel_labels(tmp_path: Path) -> None:
+    """--ir-labels: the masks themselves score 1 everywhere; a label that calls every pixel the first object's
+    class is right only on that class's pixels; a missing label file or no option at all is refused."""
+    from cpal.core.io import save_label_png
+    from cpal.data.voc import VOCDataset
+
+    truth = rectangles_dataset(tmp_path / "data", "lq-test", (38, 42))
+    dataset = VOCDataset(tmp_path / "data", "train")
+    perfect, flooded = tmp_path / "perfect", tmp_path / "flooded"
+    perfect.mkdir(), flooded.mkdir()
+    for image_id in dataset.ids:
+        mask = dataset.mask(image_id)
+        save_label_png(perfect / f"{image_id}.png", mask)
+        save_label_png(flooded / f"{image_id}.png", np.full_like(mask, truth[image_id][1][0]))
+    best = bq.label_quality(perfect, tmp_path / "data")
+    assert best["images"] == len(dataset.ids) and best["unsure_fraction"] == 0.0
+    assert all(best[k] == 1.0 for k in ("foreground_precision", "foreground_coverage", "background_precision",
+                                        "background_coverage"))
+    worst = bq.label_quality(flooded, tmp_path / "data")
+    assert worst["background_precision"] is None and worst["background_coverage"] == 0.0
+    assert 0.0 < worst["foreground_precision"] < 0.5
+    out = tmp_path / "q.json"
+    assert bq.main(["--ir-labels", str(perfect), "--data", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["labels"]["foreground_precision"] == 1.0
+    next(perfect.iterdir()).unlink()
+    assert bq.main(["--ir-labels", str(perfect), "--data", str(tmp_path / "data")]) == 2
+    with pytest.raises(SystemExit):
+        bq.main(["--data", str(tmp_path / "data")])

@@ -7,7 +7,12 @@ mean boundary probability on ground-truth edge cells, inside objects and on the 
 random edge cell scores above a random interior cell; 0.5 is no better than chance). It reads pixel labels:
 an analysis of a trained network, never something a weakly supervised run may use.
 
+What the network learned from is scored too (`--ir-labels`, ir_labels' folder): of the pixels the relation
+labels call confident foreground, the share whose class is right (precision), and of the true object pixels the
+share they label with the right class (coverage); the same for background; the share left unsure (255).
+
     python -m cpal.irn.boundary_quality --irn outputs/irn/model.pt --data data/embedded --images 200
+    python -m cpal.irn.boundary_quality --ir-labels outputs/irn/ir_labels --data data/embedded --images 0
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cpal.backbone import for_inference
+from cpal.core.io import load_label_png
 from cpal.core.training import CheckpointError, resolve_device
 from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
 from cpal.irn.model import STRIDE, load_boundary_net
@@ -99,18 +105,59 @@ def boundary_quality(irn_path: Path, data_dir: Path, split: str = "train", image
             **summarise(scores)}
 
 
+def label_quality(label_dir: Path, data_dir: Path, split: str = "train", images: int = 0) -> dict[str, Any]:
+    """The relation labels of ir_labels against the pixel labels (their void pixels left out)."""
+    dataset = VOCDataset(data_dir, split)
+    if not dataset.has_masks():
+        raise DatasetError(f"{data_dir} split {split!r} has no pixel labels: label quality needs them")
+    ids = dataset.ids[:images] if images > 0 else dataset.ids
+    n = dict.fromkeys(("fg", "fg_right", "bg", "bg_right", "unsure", "true_fg", "true_bg", "pixels"), 0)
+    for image_id in ids:
+        path = label_dir / f"{image_id}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no relation label for {image_id}; rerun ir_labels")
+        label, truth = load_label_png(path), dataset.mask(image_id)
+        if label.shape != truth.shape:
+            raise ValueError(f"{path}: label {label.shape} differs from the mask's {truth.shape}")
+        valid = truth != IGNORE_INDEX
+        label, truth = label[valid], truth[valid]
+        fg, bg = (label > 0) & (label != IGNORE_INDEX), label == 0
+        for key, count in (("fg", fg), ("fg_right", fg & (label == truth)), ("bg", bg),
+                           ("bg_right", bg & (truth == 0)), ("unsure", label == IGNORE_INDEX),
+                           ("true_fg", truth > 0), ("true_bg", truth == 0)):
+            n[key] += int(count.sum())
+        n["pixels"] += int(valid.sum())
+
+    def share(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"ir_labels": str(label_dir), "images": len(ids),
+            "foreground_precision": share(n["fg_right"], n["fg"]),
+            "foreground_coverage": share(n["fg_right"], n["true_fg"]),
+            "background_precision": share(n["bg_right"], n["bg"]),
+            "background_coverage": share(n["bg_right"], n["true_bg"]),
+            "unsure_fraction": share(n["unsure"], n["pixels"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--irn", type=Path, required=True, help="IRN checkpoint (train_irn's model.pt)")
+    p.add_argument("--irn", type=Path, default=None, help="IRN checkpoint (train_irn's model.pt)")
+    p.add_argument("--ir-labels", type=Path, default=None, help="ir_labels' folder of relation labels")
     p.add_argument("--data", type=Path, required=True, help="dataset folder with pixel labels")
     p.add_argument("--split", default="train")
     p.add_argument("--images", type=int, default=200, help="first N images of the split (0: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here as well")
     args = p.parse_args(argv)
+    if args.irn is None and args.ir_labels is None:
+        p.error("give --irn (the boundary map), --ir-labels (what it trained on), or both")
+    result: dict[str, Any] = {}
     try:
-        result = boundary_quality(args.irn, args.data, args.split, args.images, args.device)
-    except (CheckpointError, DatasetError, FileNotFoundError) as error:
+        if args.irn is not None:
+            result = boundary_quality(args.irn, args.data, args.split, args.images, args.device)
+        if args.ir_labels is not None:
+            result["labels"] = label_quality(args.ir_labels, args.data, args.split, args.images)
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"boundary_quality: {error}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)
