@@ -109,7 +109,7 @@ def make_ir_labels(dataset: VOCDataset, seed_dir: Path, out_dir: Path, cfg: dict
                                f"{dataset.root} has none; use irn.labels: seeds")
         log.warning("irn.labels: ground_truth: the boundary branch will train on the pixel labels (an oracle for "
                     "analysis; what it refines is not weakly supervised)")
-        workers, derived = 0, {}
+        workers, derived = 0, None  # no CRF to spread over processes, no planes to derive
     else:
         cfg, derived = resolve_planes(cfg, seed_dir, dataset.ids)
     if derived:
