@@ -55,7 +55,9 @@ BANK_TOL = 1e-6  # float64 bank entries, measured 2e-14
 NO_SYNC_MIN = 0.30  # without sync_bn, measured 1.24
 STAGE_UPDATE_TOL = 0.25  # float32 train_seg through the stage, measured 0.018 (0.020 between thread counts)
 STAGE_LOSS_TOL = 1e-2  # float32 epoch loss, measured 6.8e-5
-DDP1_TOL = 0.0  # torchrun with 1 process vs the plain run, float32: measured 0 (bit-identical)
+# torchrun with 1 process vs the plain run, float32: measured 0 on a 2-core AMD EPYC, 1.5e-8 on a 2-core Intel Xeon
+# (float32 kernels summing in another order); a wrong world-size scale or a doubled bank gather moves far more
+DDP1_TOL = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------
