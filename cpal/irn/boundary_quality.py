@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from cpal.backbone import for_inference
-from cpal.core.io import load_label_png
 from cpal.core.training import CheckpointError, resolve_device
 from cpal.data.voc import IGNORE_INDEX, DatasetError, VOCDataset
 from cpal.irn.model import STRIDE, load_boundary_net
@@ -83,15 +82,20 @@ def summarise(scores: dict[str, list[np.ndarray]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def labelled_ids(data_dir: Path, split: str, images: int) -> tuple[VOCDataset, list[str]]:
+    """The split and its first `images` ids (0: all); refused without pixel labels, which every score reads."""
+    dataset = VOCDataset(data_dir, split)
+    if not dataset.has_masks():
+        raise DatasetError(f"{data_dir} split {split!r} has no pixel labels: the scores need them")
+    return dataset, dataset.ids[:images] if images > 0 else dataset.ids
+
+
 def boundary_quality(irn_path: Path, data_dir: Path, split: str = "train", images: int = 200,
                      device: str = "cpu", flip: bool = True) -> dict[str, Any]:
     """summarise() over the first `images` images of `split` (0: all), as refine_irn computes the map."""
-    dataset = VOCDataset(data_dir, split)
-    if not dataset.has_masks():
-        raise DatasetError(f"{data_dir} split {split!r} has no pixel labels: boundary quality needs them")
+    dataset, ids = labelled_ids(data_dir, split, images)
     torch_device = resolve_device(device)
     model = for_inference(load_boundary_net(irn_path, torch_device))
-    ids = dataset.ids[:images] if images > 0 else dataset.ids
     scores: dict[str, list[np.ndarray]] = {r: [] for r in REGIONS}
     for batch in dataset.size_batches(BOUNDARY_BATCH, ids):
         maps = boundaries(model, [dataset.image(i) for i in batch], flip, torch_device).cpu().numpy()
@@ -107,18 +111,11 @@ def boundary_quality(irn_path: Path, data_dir: Path, split: str = "train", image
 
 def label_quality(label_dir: Path, data_dir: Path, split: str = "train", images: int = 0) -> dict[str, Any]:
     """The relation labels of ir_labels against the pixel labels (their void pixels left out)."""
-    dataset = VOCDataset(data_dir, split)
-    if not dataset.has_masks():
-        raise DatasetError(f"{data_dir} split {split!r} has no pixel labels: label quality needs them")
-    ids = dataset.ids[:images] if images > 0 else dataset.ids
+    dataset, ids = labelled_ids(data_dir, split, images)
     n = dict.fromkeys(("fg", "fg_right", "bg", "bg_right", "unsure", "true_fg", "true_bg", "pixels"), 0)
     for image_id in ids:
-        path = label_dir / f"{image_id}.png"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no relation label for {image_id}; rerun ir_labels")
-        label, truth = load_label_png(path), dataset.mask(image_id)
-        if label.shape != truth.shape:
-            raise ValueError(f"{path}: label {label.shape} differs from the mask's {truth.shape}")
+        label = dataset.label_map(label_dir / f"{image_id}.png", image_id)  # size and class range checked
+        truth = dataset.mask(image_id)
         valid = truth != IGNORE_INDEX
         label, truth = label[valid], truth[valid]
         fg, bg = (label > 0) & (label != IGNORE_INDEX), label == 0
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             result = boundary_quality(args.irn, args.data, args.split, args.images, args.device)
         if args.ir_labels is not None:
             result["labels"] = label_quality(args.ir_labels, args.data, args.split, args.images)
-    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, DatasetError, FileNotFoundError) as error:
         print(f"boundary_quality: {error}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=2)
